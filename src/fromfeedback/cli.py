@@ -1,0 +1,94 @@
+"""The `fromfeedback` command: one subcommand per stage, each a thin shell over a function of its config.
+
+Every stage takes `--preset NAME` (a TOML file in configs/) and any config field as `--field value`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+
+from fromfeedback.config import build_config, describe_fields
+from fromfeedback.files import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Validate and describe data files.")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def stage_command(parent: typer.Typer, name: str, config_cls: type, section: str, runner: Callable[[Any], Any], summary: str) -> None:
+    """Registers `fromfeedback NAME --preset P --field value ...` running `runner(config)`."""
+
+    def command(ctx: typer.Context, preset: Optional[str] = typer.Option(None, "--preset", help="Preset name in configs/ or a .toml path.")) -> None:
+        runner(build_config(config_cls, preset, section, ctx.args))
+
+    parent.command(name, context_settings=OVERRIDES, help=f"{summary}\n\nFields (any can be given as --field value):\n\n{describe_fields(config_cls)}")(command)
+
+
+def _register_stages() -> None:
+    from fromfeedback.sampling import SampleConfig, run_sample
+    from fromfeedback.sft import SFTConfig, run_sft
+
+    stage_command(app, "sft", SFTConfig, "sft", run_sft, "Supervised fine-tuning on post → reference TL;DR.")
+    stage_command(app, "sample", SampleConfig, "sample", run_sample, "Summarize posts of a split with a policy; writes a samples file.")
+
+
+@data_app.command("validate")
+def data_validate(paths: list[str] = typer.Argument(..., help="posts.jsonl, comparison, samples, rankings or CNN/DM files.")) -> None:
+    """Checks every line of each file against its format; exits 2 at the first bad line."""
+    from fromfeedback.data.inspect import validate_file
+
+    for path in paths:
+        kind, count = validate_file(path)
+        print(f"{path}: OK ({count} {kind})")
+
+
+@data_app.command("stats")
+def data_stats(
+    path: str = typer.Argument(..., help="A posts.jsonl file."),
+    model: str = typer.Option("smollm2-135m", help="Tokenizer to count tokens with."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Posts per split and token-length percentiles of queries and references."""
+    from fromfeedback.data.inspect import posts_stats, print_stats
+
+    stats = posts_stats(path, model)
+    if json_output:
+        import json
+
+        print(json.dumps(stats, indent=2))
+    else:
+        print_stats(stats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit with code 2, never a traceback."""
+    _register_stages()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Token-level batching: left-padded queries, right-padded responses ending in EOS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fromfeedback.data.query import format_response
+
+
+def encode_response(tokenizer, summary: str, max_tokens: int) -> list[int]:
+    """` summary<EOS>`, at most `max_tokens` tokens (a summary cut to fit loses its EOS)."""
+    ids = tokenizer.encode(format_response(summary), add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ids[:max_tokens]
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class QueryResponseBatch:
+    """Queries [B, Q] left-padded and responses [B, R] right-padded, with explicit masks."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @classmethod
+    def from_ids(cls, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> QueryResponseBatch:
+        query_ids, query_mask = pad_left(queries, pad_id)
+        response_ids, response_mask = pad_right(responses, pad_id)
+        return cls(query_ids, query_mask, response_ids, response_mask)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def to(self, device: torch.device) -> QueryResponseBatch:
+        return QueryResponseBatch(*(t.to(device) for t in (self.query_ids, self.query_mask, self.response_ids, self.response_mask)))
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> QueryResponseBatch:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return QueryResponseBatch(self.query_ids[rows], self.query_mask[rows], self.response_ids[rows], self.response_mask[rows])
