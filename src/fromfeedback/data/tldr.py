@@ -58,6 +58,24 @@ class Comparison:
 
 
 @dataclass
+class Ranking:
+    """K responses to one post ordered by one labeler (InstructGPT's format)."""
+
+    post_id: str
+    subreddit: str
+    title: str
+    post: str
+    responses: list[str]
+    ranking: list[int]
+    """Indices into `responses`, best first: a permutation of 0..K-1."""
+    worker: str | None = None
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """All C(K, 2) (better, worse) response-index pairs the ranking implies."""
+        return [(self.ranking[i], self.ranking[j]) for i in range(len(self.ranking)) for j in range(i + 1, len(self.ranking))]
+
+
+@dataclass
 class Sample:
     """One summary of one post by one policy: the format every stage reads and writes."""
 
@@ -197,3 +215,63 @@ def load_samples(path: str | Path) -> list[Sample]:
 
 def write_samples(path: str | Path, samples: Iterable[Sample]) -> None:
     write_jsonl(path, (s.to_json() for s in samples))
+
+
+def load_rankings(path: str | Path) -> list[Ranking]:
+    """Reads a rankings file: one JSON object a line with post_id, subreddit, title, post,
+    responses (K ≥ 2 texts), ranking (response indices best first) and an optional worker."""
+    rankings = []
+    for line, obj in read_jsonl(path):
+        responses = field(obj, "responses", list, path, line)
+        check(len(responses) >= 2, path, line, "responses", f"must hold at least 2 responses, got {len(responses)}")
+        for i, text in enumerate(responses):
+            check(isinstance(text, str), path, line, f"responses[{i}]", "must be a string")
+        ranking = field(obj, "ranking", list, path, line)
+        check(sorted(ranking) == list(range(len(responses))) and all(type(i) is int for i in ranking), path, line, "ranking",
+              f"must list each of the {len(responses)} response indices 0..{len(responses) - 1} once, best first, got {ranking}")
+        worker = field(obj, "worker", (str, int), path, line, optional=True)
+        rankings.append(
+            Ranking(
+                post_id=field(obj, "post_id", str, path, line),
+                subreddit=field(obj, "subreddit", str, path, line, optional=True) or "",
+                title=field(obj, "title", str, path, line, optional=True) or "",
+                post=field(obj, "post", str, path, line),
+                responses=list(responses),
+                ranking=list(ranking),
+                worker=None if worker is None else str(worker),
+            )
+        )
+    return rankings
+
+
+def ranking_to_json(r: Ranking) -> dict[str, Any]:
+    return {"post_id": r.post_id, "subreddit": r.subreddit, "title": r.title, "post": r.post,
+            "responses": r.responses, "ranking": r.ranking, "worker": r.worker}
+
+
+def write_rankings(path: str | Path, rankings: Iterable[Ranking]) -> None:
+    write_jsonl(path, (ranking_to_json(r) for r in rankings))
+
+
+def rankings_from_comparisons(comparisons: Iterable[Comparison], min_responses: int = 3) -> list[Ranking]:
+    """One ranking per post with at least `min_responses` distinct compared summaries, ordered by
+    wins minus losses over all its comparisons (ties keep first-seen order). Turns the posts that
+    several labelers compared into K-way data; the order is a consensus, not one labeler's ranking."""
+    by_post: dict[str, list[Comparison]] = {}
+    for c in comparisons:
+        by_post.setdefault(c.post_id, []).append(c)
+    rankings = []
+    for post_id, group in by_post.items():
+        texts: list[str] = []
+        for c in group:
+            texts.extend(s.text for s in c.summaries if s.text not in texts)
+        if len(texts) < min_responses:
+            continue
+        margin = {text: 0 for text in texts}
+        for c in group:
+            margin[c.chosen] += 1
+            margin[c.rejected] -= 1
+        order = sorted(range(len(texts)), key=lambda i: (-margin[texts[i]], i))
+        first = group[0]
+        rankings.append(Ranking(post_id, first.subreddit, first.title, first.post, texts, order))
+    return rankings
