@@ -216,7 +216,7 @@ def run_sft(config: SFTConfig) -> Path:
             nll, _ = response_nll(model, batch, config.precision)
             loss = nll / global_tokens * accelerator.num_processes
             accelerator.backward(loss)
-            loss_total += float(nll) / global_tokens
+            loss_total += float(nll.detach()) / global_tokens
         grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
