@@ -1,17 +1,42 @@
 """The reward model: the SFT model plus a scalar head read at the response's EOS token.
 
-Scoring lives here; training (`fromfeedback rm train`), evaluation and the CLI build on it.
+Training (`fromfeedback rm train`): loss `-log σ(r_chosen − r_rejected)` on human comparisons, or on
+all C(K, 2) pairs of K-way rankings, each prompt counting once. After training a bias makes the mean
+reward of reference summaries 0. Evaluation (`rm eval`) reports accuracy beside the two reference lines
+the data gives: "the longer summary wins" (the floor) and labeler-labeler agreement (the ceiling).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from fromfeedback.data import QueryResponseBatch, encode_response, make_query
-from fromfeedback.models import ScalarHeadModel
-from fromfeedback.runtime import Precision, autocast
+from fromfeedback import stage_info
+from fromfeedback.config import default_data_dir
+from fromfeedback.data import (
+    Comparison,
+    QueryResponseBatch,
+    Ranking,
+    encode_response,
+    load_rankings,
+    load_samples,
+    load_tldr,
+    load_tldr_comparisons,
+    make_query,
+    write_samples,
+)
+from fromfeedback.files import UserError, atomic_path, write_json
+from fromfeedback.models import ScalarHeadModel, count_parameters, freeze_lower, load_scalar_model, load_tokenizer, resolve_model
+from fromfeedback.runtime import Checkpointer, MetricsLogger, Precision, autocast, default_device, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.stats import calibration_bins, expected_calibration_error, pairwise_accuracy, similar_length, wilson_interval
 
 
 def eos_index(response_mask: torch.Tensor) -> torch.Tensor:
@@ -37,15 +62,499 @@ def score_summaries(
     response_max_tokens: int = 48,
     batch_size: int = 16,
     precision: Precision = "auto",
+    show_progress: bool = False,
 ) -> list[float]:
     """Reward of each (post, summary) pair; `posts` need `subreddit`, `title` and `post` attributes."""
     if len(posts) != len(summaries):
         raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
     scores: list[float] = []
+    bar = progress(total=len(posts), desc="score", enabled=show_progress)
     for start in range(0, len(posts), batch_size):
         chunk_posts, chunk_summaries = posts[start : start + batch_size], summaries[start : start + batch_size]
         queries = [tokenizer.encode(make_query(p.subreddit, p.title, p.post, tokenizer, query_max_tokens), add_special_tokens=False) for p in chunk_posts]
         responses = [encode_response(tokenizer, s, response_max_tokens) for s in chunk_summaries]
         batch = QueryResponseBatch.from_ids(queries, responses, tokenizer.pad_token_id)
         scores.extend(score_batch(model, batch, precision).tolist())
+        bar.update(len(chunk_posts))
+    bar.close()
     return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class RMConfig:
+    sft: str = "smollm2-135m"
+    """Model to start from (the SFT model folder); a fresh scalar head is put on its trunk."""
+    data_dir: str = ""
+    """Folder with tldr/posts.jsonl and tldr/comparisons/ (default: $FROMFEEDBACK_DATA_DIR or ../shared/data)."""
+    out: str = "runs/rm"
+    """Run folder: the reward model goes to OUT/model, metrics to OUT/metrics.jsonl, the evaluation to OUT/eval.json."""
+    train_split: str = "rm_train"
+    """Comparisons whose post is in this split (of posts.jsonl) are trained on."""
+    comparisons: str = ""
+    """Comma-separated comparison files to train on (default: every file in DATA_DIR/tldr/comparisons)."""
+    rankings: str = ""
+    """A K-way rankings file to train on as well (all C(K,2) pairs of a prompt in one batch, each prompt counting once)."""
+    train_limit: int = 0
+    """Use only the first N training comparisons (0: all)."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int = 0
+    """Optimizer steps to take (0: as many as `epochs` passes need)."""
+    batch_size: int = 16
+    """Prompts (a comparison or a ranking) per optimizer step."""
+    micro_batch_size: int = 4
+    """Prompts per forward pass; gradients are accumulated up to batch_size."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW) of the trunk."""
+    head_lr: float = 0.0
+    """Learning rate of the fresh scalar head (0: same as lr)."""
+    lr_schedule: str = "cosine"
+    """cosine, linear or constant decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    soft_labels: bool = False
+    """Use the labeler's confidence as a soft target: P(chosen better) = 0.5 + 0.125·strength (strength 1–4)."""
+    query_max_tokens: int = 512
+    """Query token budget; the post is cut at the last newline that fits. Stored with the model for scoring."""
+    response_max_tokens: int = 48
+    """Response token budget including EOS (a longer summary is cut and scored at its last token)."""
+    freeze_embeddings: bool = False
+    """Freeze the token embeddings."""
+    freeze_layers: int = 0
+    """Freeze the lowest N transformer layers (cheaper backward on CPU)."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the hardware supports it), bf16 or fp32."""
+    bias_split: str = "sft_train"
+    """Posts whose reference summaries get mean reward 0 after training."""
+    bias_limit: int = 0
+    """Use only the first N posts of bias_split for the bias (0: all)."""
+    eval_split: str = "rm_valid"
+    """Split evaluated after training into OUT/eval.json ('' to skip)."""
+    eval_batch_size: int = 16
+    """Sequences per forward pass when scoring."""
+    checkpoint_every: int = 25
+    """Save a resumable checkpoint every N steps (0: never)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    seed: int = 0
+    """Seed for data order and head initialization."""
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise UserError("batch_size and micro_batch_size must be at least 1")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.query_max_tokens < 32 or self.response_max_tokens < 2:
+            raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
+
+
+@dataclass
+class PreferenceGroup:
+    """One prompt with K responses and the pairs a labeler judged among them."""
+
+    query: list[int]
+    responses: list[list[int]]
+    pairs: list[tuple[int, int, float]]
+    """(better, worse, target): target is P(better is preferred), 1 for a hard label."""
+
+
+def confidence_target(confidence: int | None) -> float:
+    """Soft label from the 1–9 confidence scale (5 = unsure, 1 or 9 = certain): 0.625 … 1.0 for the chosen side."""
+    if confidence is None:
+        return 1.0
+    return 0.5 + 0.125 * min(4, abs(confidence - 5))
+
+
+def comparison_group(c: Comparison, tokenizer, query_max_tokens: int, response_max_tokens: int, soft_labels: bool) -> PreferenceGroup:
+    query = tokenizer.encode(make_query(c.subreddit, c.title, c.post, tokenizer, query_max_tokens), add_special_tokens=False)
+    responses = [encode_response(tokenizer, s.text, response_max_tokens) for s in c.summaries]
+    target = confidence_target(c.confidence) if soft_labels else 1.0
+    return PreferenceGroup(query, responses, [(c.choice, 1 - c.choice, target)])
+
+
+def ranking_group(r: Ranking, tokenizer, query_max_tokens: int, response_max_tokens: int) -> PreferenceGroup:
+    query = tokenizer.encode(make_query(r.subreddit, r.title, r.post, tokenizer, query_max_tokens), add_special_tokens=False)
+    responses = [encode_response(tokenizer, text, response_max_tokens) for text in r.responses]
+    return PreferenceGroup(query, responses, [(better, worse, 1.0) for better, worse in r.pairs()])
+
+
+def flatten_groups(groups: Sequence[PreferenceGroup], pad_id: int) -> tuple[QueryResponseBatch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All responses of the groups as one batch (each with its prompt), and the pairs as row indices:
+    better [P], worse [P], target [P], weight [P] where each group's pairs share weight 1/len(pairs)."""
+    queries, responses, better, worse, target, weight = [], [], [], [], [], []
+    for group in groups:
+        offset = len(responses)
+        queries.extend([group.query] * len(group.responses))
+        responses.extend(group.responses)
+        for b, w, t in group.pairs:
+            better.append(offset + b)
+            worse.append(offset + w)
+            target.append(t)
+            weight.append(1.0 / len(group.pairs))
+    batch = QueryResponseBatch.from_ids(queries, responses, pad_id)
+    return batch, torch.tensor(better), torch.tensor(worse), torch.tensor(target), torch.tensor(weight)
+
+
+def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_pairs weight · −[t·log σ(d) + (1−t)·log σ(−d)], d = r_better − r_worse; with t = 1 the paper's
+    `-log σ(r_chosen − r_rejected)`. Divide by the number of prompts for the per-prompt mean."""
+    margin = scores[better] - scores[worse]
+    losses = -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin))
+    return (weight * losses).sum()
+
+
+def group_scores(model: ScalarHeadModel, batch: QueryResponseBatch, precision: str) -> torch.Tensor:
+    device = batch.query_ids.device
+    with autocast(precision, device):
+        return model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, eos_index(batch.response_mask)).float()
+
+
+def training_groups(config: RMConfig, tokenizer, data_dir: str) -> list[PreferenceGroup]:
+    files = [f for f in config.comparisons.split(",") if f] or None
+    comparisons = load_tldr_comparisons(data_dir, config.train_split, files)[: config.train_limit or None]
+    groups = [comparison_group(c, tokenizer, config.query_max_tokens, config.response_max_tokens, config.soft_labels) for c in comparisons]
+    if config.rankings:
+        groups += [ranking_group(r, tokenizer, config.query_max_tokens, config.response_max_tokens) for r in load_rankings(config.rankings)]
+    if not groups:
+        raise UserError(f"no training comparisons: no comparison's post is in split {config.train_split!r} of {data_dir}")
+    return groups
+
+
+def normalize_bias(model: ScalarHeadModel, tokenizer, posts, config: RMConfig) -> float:
+    """Sets the bias so the reference summaries of `posts` have mean reward 0; returns it."""
+    posts = [p for p in posts if p.reference]
+    if not posts:
+        raise UserError(f"no posts with a reference in split {config.bias_split!r} to normalize the reward bias")
+    model.set_bias(0.0)
+    raw = score_summaries(model, tokenizer, posts, [p.reference for p in posts], config.query_max_tokens, config.response_max_tokens,
+                          config.eval_batch_size, config.precision)  # type: ignore[arg-type]
+    bias = sum(raw) / len(raw)
+    model.set_bias(bias)
+    return bias
+
+
+def run_rm_train(config: RMConfig) -> Path:
+    """Trains a reward model on human comparisons; returns the folder of the saved model."""
+    from fromfeedback.sft import batch_plan, learning_rate
+
+    out = Path(config.out)
+    final_dir = out / "model"
+    if (out / "summary.json").exists() and final_dir.exists():
+        print(f"reward model already trained in {out}; delete {out / 'summary.json'} to train again")
+        return final_dir
+    device = default_device()
+    seed_everything(config.seed)
+    model_dir = resolve_model(config.sft)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_scalar_model(model_dir)
+    model.set_bias(0.0)
+    freeze_lower(model.model, config.freeze_layers, config.freeze_embeddings)
+    model.to(device).train()
+
+    data_dir = config.data_dir or default_data_dir()
+    groups = training_groups(config, tokenizer, data_dir)
+    plan = batch_plan(len(groups), config.batch_size, config.epochs, config.max_steps, config.seed)
+
+    head = list(model.model.score.parameters())
+    head_ids = {id(p) for p in head}
+    trunk = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    head_lr = config.head_lr or config.lr
+    optimizer = torch.optim.AdamW(
+        [{"params": trunk, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr / config.lr}], lr=config.lr, weight_decay=config.weight_decay
+    )
+    checkpointer = Checkpointer(out)
+    start_step, state = 0, {}
+    latest = checkpointer.latest()
+    if latest is not None:
+        start_step, state = checkpointer.load(latest, {"model": model}, optimizer)
+        print(f"resuming from {latest} (step {start_step})")
+    logger = MetricsLogger(out, resume_step=start_step if latest else None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(config))
+    print(
+        f"RM: {len(groups)} prompts, {len(plan)} steps of {config.batch_size}, "
+        f"{count_parameters(model, trainable_only=True) / 1e6:.1f}M of {count_parameters(model) / 1e6:.1f}M parameters trained, "
+        f"bf16 autocast {'on' if use_bf16(config.precision, device) else 'off'}"  # type: ignore[arg-type]
+    )
+    state.setdefault("train_seconds", 0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pad_id = tokenizer.pad_token_id
+    bar = progress(total=len(plan), initial=start_step, desc="rm")
+    for step in range(start_step, len(plan)):
+        step_started = time.perf_counter()
+        lr = learning_rate(step, len(plan), config)  # type: ignore[arg-type]
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        step_groups = [groups[i] for i in plan[step]]
+        loss_total, correct, pairs = 0.0, 0.0, 0
+        for start in range(0, len(step_groups), config.micro_batch_size):
+            batch, better, worse, target, weight = flatten_groups(step_groups[start : start + config.micro_batch_size], pad_id)
+            batch, better, worse, target, weight = batch.to(device), better.to(device), worse.to(device), target.to(device), weight.to(device)
+            scores = group_scores(model, batch, config.precision)
+            loss = preference_loss(scores, better, worse, target, weight) / len(step_groups)
+            loss.backward()
+            loss_total += loss.item()
+            margin = (scores[better] - scores[worse]).detach()
+            correct += float(((margin > 0) + 0.5 * (margin == 0)).float().sum())
+            pairs += len(better)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - step_started
+        state["train_seconds"] += seconds
+        done = step + 1
+        metrics = {"train_loss": loss_total, "train_accuracy": correct / max(1, pairs), "lr": lr, "seconds_per_step": seconds}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if done % config.log_every == 0:
+            logger.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_total:.3f}")
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < len(plan):
+            checkpointer.save(done, {"model": model}, optimizer, state)
+    bar.close()
+
+    model.eval()
+    bias_started = time.perf_counter()
+    bias_posts = load_tldr(data_dir, config.bias_split)[: config.bias_limit or None]
+    bias = normalize_bias(model, tokenizer, bias_posts, config)
+    bias_seconds = time.perf_counter() - bias_started
+    with atomic_path(final_dir) as tmp:
+        model.save(tmp, tokenizer)
+        stage_info.write(tmp, stage="rm", base_model=str(config.sft), query_max_tokens=config.query_max_tokens,
+                         response_max_tokens=config.response_max_tokens, reward_bias=bias, bias_split=config.bias_split,
+                         bias_posts=len(bias_posts))
+    summary: dict[str, Any] = {
+        "prompts": len(groups),
+        "steps": len(plan),
+        "train_seconds": state["train_seconds"],
+        "seconds_per_step": state["train_seconds"] / max(1, len(plan)),
+        "bias": bias,
+        "bias_seconds": bias_seconds,
+        "resumed_at_step": start_step,
+        "peak_memory_mib": peak_memory_mb(device),
+    }
+    if config.eval_split:
+        eval_started = time.perf_counter()
+        report = evaluate_model(final_dir, config.eval_split, data_dir, config.eval_batch_size, config.precision, out / f"reliability-{config.eval_split}.png",
+                                model=model, tokenizer=tokenizer)
+        write_json(out / "eval.json", report)
+        summary["eval_seconds"] = time.perf_counter() - eval_started
+        summary.update({f"{config.eval_split}_accuracy": report["accuracy"], f"{config.eval_split}_similar_length_accuracy": report["similar_length"]["accuracy"]})
+        logger.log(len(plan), {"valid_accuracy": report["accuracy"], "valid_similar_length_accuracy": report["similar_length"]["accuracy"]})
+    logger.close()
+    summary["peak_memory_mib"] = peak_memory_mb(device)
+    write_json(out / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
+    print(f"reward model saved to {final_dir}")
+    return final_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def confidence_strength(confidence: int | None) -> int | None:
+    """How sure the labeler was, 1 (barely) … 4 (certain), from the 1–9 scale centred on 5."""
+    return None if confidence is None else abs(confidence - 5)
+
+
+def comparison_report(comparisons: Sequence[Comparison], score_chosen: Sequence[float], score_rejected: Sequence[float], bins: int = 10) -> dict[str, Any]:
+    """Accuracy (ties count half) with a 95% Wilson interval, on all pairs and on similar-length pairs,
+    by labeler confidence, log loss, and calibration of P(summary 0 preferred) = σ(r_0 − r_1)."""
+    n = len(comparisons)
+    chosen, rejected = torch.tensor(score_chosen, dtype=torch.float64), torch.tensor(score_rejected, dtype=torch.float64)
+    margin = chosen - rejected
+
+    def accuracy_of(rows: list[int]) -> dict[str, Any]:
+        accuracy = pairwise_accuracy([score_chosen[i] for i in rows], [score_rejected[i] for i in rows])
+        low, high = wilson_interval(accuracy * len(rows), len(rows)) if rows else (float("nan"), float("nan"))
+        return {"pairs": len(rows), "accuracy": accuracy, "ci95": [low, high]}
+
+    overall = accuracy_of(list(range(n)))
+    similar = [i for i, c in enumerate(comparisons) if similar_length(c.chosen, c.rejected)]
+    by_confidence: dict[str, Any] = {}
+    for strength in sorted({confidence_strength(c.confidence) for c in comparisons}, key=lambda s: -1 if s is None else s):
+        rows = [i for i, c in enumerate(comparisons) if confidence_strength(c.confidence) == strength]
+        by_confidence["unknown" if strength is None else str(strength)] = accuracy_of(rows)
+    prob_first = [float(torch.sigmoid(margin[i] if c.choice == 0 else -margin[i])) for i, c in enumerate(comparisons)]
+    first_preferred = [float(c.choice == 0) for c in comparisons]
+    return {
+        "comparisons": n,
+        "accuracy": overall["accuracy"],
+        "accuracy_ci95": overall["ci95"],
+        "similar_length": accuracy_of(similar),
+        "by_confidence": by_confidence,
+        "log_loss": float(-F.logsigmoid(margin).mean()) if n else float("nan"),
+        "ece": expected_calibration_error(prob_first, first_preferred, bins),
+        "calibration": calibration_bins(prob_first, first_preferred, bins),
+        "mean_margin": float(margin.mean()) if n else float("nan"),
+    }
+
+
+def longer_wins(comparisons: Sequence[Comparison]) -> dict[str, Any]:
+    """The length floor: accuracy of "the longer summary (in characters) wins", by the same code as the RM."""
+    report = comparison_report(comparisons, [len(c.chosen) for c in comparisons], [len(c.rejected) for c in comparisons])
+    return {"accuracy": report["accuracy"], "accuracy_ci95": report["accuracy_ci95"], "similar_length": report["similar_length"]}
+
+
+def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
+    """The human ceiling: over every two labels by different workers of the same pair of summaries of
+    the same post, the fraction that prefer the same summary."""
+    by_pair: dict[tuple[str, frozenset[str]], list[Comparison]] = {}
+    for c in comparisons:
+        by_pair.setdefault((c.post_id, frozenset(s.text for s in c.summaries)), []).append(c)
+    agree = label_pairs = 0
+    for labels in by_pair.values():
+        for a, b in itertools.combinations(labels, 2):
+            if a.worker == b.worker:
+                continue
+            label_pairs += 1
+            agree += a.chosen == b.chosen
+    low, high = wilson_interval(agree, label_pairs)
+    return {"agreement": agree / label_pairs if label_pairs else float("nan"), "ci95": [low, high], "label_pairs": label_pairs,
+            "summary_pairs": sum(len({c.worker for c in labels}) > 1 for labels in by_pair.values())}
+
+
+def reliability_plot(report: dict[str, Any], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["calibration"]
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    axes.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    axes.plot([r["mean_prob"] for r in rows], [r["frequency"] for r in rows], marker="o", label=f"reward model (ECE {report['ece']:.3f})")
+    for r in rows:
+        axes.annotate(str(r["count"]), (r["mean_prob"], r["frequency"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axes.set_xlabel("predicted P(summary 0 preferred)")
+    axes.set_ylabel("observed frequency")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_title(title, fontsize=9)
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def score_comparisons(model: ScalarHeadModel, tokenizer, comparisons: Sequence[Comparison], query_max_tokens: int, response_max_tokens: int,
+                      batch_size: int, precision: str, show_progress: bool = True) -> tuple[list[float], list[float]]:
+    """(scores of the chosen summaries, scores of the rejected ones)."""
+    posts = [c for c in comparisons for _ in range(2)]
+    texts = [t for c in comparisons for t in (c.chosen, c.rejected)]
+    scores = score_summaries(model, tokenizer, posts, texts, query_max_tokens, response_max_tokens, batch_size, precision, show_progress)  # type: ignore[arg-type]
+    return scores[0::2], scores[1::2]
+
+
+def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_size: int = 16, precision: str = "auto", plot: str | Path | None = None,
+                   comparison_files: Sequence[str] | None = None, model: ScalarHeadModel | None = None, tokenizer=None) -> dict[str, Any]:
+    """The `rm eval` report of a saved reward model on the comparisons of `split`."""
+    data_dir = data_dir or default_data_dir()
+    info = stage_info.read(resolve_model(model_dir))
+    if model is None:
+        model = load_scalar_model(model_dir).to(default_device())
+        tokenizer = load_tokenizer(model_dir)
+    model.eval()
+    all_comparisons = load_tldr_comparisons(data_dir, None, comparison_files)
+    comparisons = load_tldr_comparisons(data_dir, split, comparison_files)
+    if not comparisons:
+        raise UserError(f"no comparisons in split {split!r} of {data_dir}")
+    query_max_tokens, response_max_tokens = info.get("query_max_tokens", 512), info.get("response_max_tokens", 48)
+    chosen, rejected = score_comparisons(model, tokenizer, comparisons, query_max_tokens, response_max_tokens, batch_size, precision)
+    report: dict[str, Any] = {"model": str(model_dir), "split": split, **comparison_report(comparisons, chosen, rejected)}
+    report["longer_wins"] = longer_wins(comparisons)
+    report["labeler_agreement"] = {"all_comparisons": labeler_agreement(all_comparisons), split: labeler_agreement(comparisons)}
+    if plot:
+        reliability_plot(report, plot, f"{Path(str(model_dir)).name} on {split}: accuracy {report['accuracy']:.3f}")
+        report["reliability_plot"] = str(plot)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring samples
+
+
+def score_samples_file(model_dir: str | Path, samples_path: str | Path, out_path: str | Path, data_dir: str = "", batch_size: int = 16,
+                       query_max_tokens: int = 0, response_max_tokens: int = 0, precision: str = "auto") -> dict[str, Any]:
+    """Adds `score` (the reward) to every sample of a samples file; budgets default to the ones the RM was trained with."""
+    info = stage_info.read(resolve_model(model_dir))
+    query_max_tokens = query_max_tokens or info.get("query_max_tokens", 512)
+    response_max_tokens = response_max_tokens or info.get("response_max_tokens", 48)
+    samples = load_samples(samples_path)
+    posts = {p.id: p for p in load_tldr(data_dir or default_data_dir())}
+    missing = sorted({s.post_id for s in samples if s.post_id not in posts})
+    if missing:
+        raise UserError(f"{samples_path}: {len(missing)} post id(s) not in posts.jsonl, e.g. {missing[0]!r}")
+    model = load_scalar_model(model_dir).to(default_device())
+    tokenizer = load_tokenizer(model_dir)
+    scores = score_summaries(model, tokenizer, [posts[s.post_id] for s in samples], [s.text for s in samples], query_max_tokens,
+                             response_max_tokens, batch_size, precision, show_progress=True)  # type: ignore[arg-type]
+    for sample, score in zip(samples, scores):
+        sample.extra["score"] = score
+    write_samples(out_path, samples)
+    by_policy: dict[str, list[float]] = {}
+    for sample, score in zip(samples, scores):
+        by_policy.setdefault(sample.policy, []).append(score)
+    return {"samples": len(samples), "out": str(out_path), "mean_score": {p: sum(v) / len(v) for p, v in by_policy.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def register_cli(parent, stage_command) -> None:
+    """Adds `fromfeedback rm train|eval|score` to the Typer app `parent`."""
+    import typer
+
+    rm_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and apply the reward model.")
+    parent.add_typer(rm_app, name="rm")
+    stage_command(rm_app, "train", RMConfig, "rm", run_rm_train, "Train a reward model on human comparisons (and optional K-way rankings).")
+
+    @rm_app.command("eval")
+    def rm_eval(
+        model: str = typer.Option(..., "--model", help="Reward model folder."),
+        split: str = typer.Option("rm_valid", "--split", help="Comparisons whose post is in this split."),
+        data_dir: str = typer.Option("", "--data-dir", help="Data folder (default: $FROMFEEDBACK_DATA_DIR or ../shared/data)."),
+        plot: str = typer.Option("", "--plot", help="Reliability plot PNG (default: reliability-SPLIT.png beside the model folder)."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
+        json_output: bool = typer.Option(False, "--json", help="Print one JSON object (else a short table)."),
+    ) -> None:
+        """Accuracy (95% CI), similar-length accuracy, by-confidence accuracy, log loss, ECE, beside the length floor and labeler agreement."""
+        plot_path = plot or str(Path(resolve_model(model)).parent / f"reliability-{split}.png")
+        report = evaluate_model(model, split, data_dir, batch_size, plot=plot_path)
+        if json_output:
+            print(json.dumps(report))
+            return
+        agreement = report["labeler_agreement"]["all_comparisons"]
+        print(f"{split}: {report['comparisons']} comparisons")
+        print(f"  reward model       {report['accuracy']:.3f}  [{report['accuracy_ci95'][0]:.3f}, {report['accuracy_ci95'][1]:.3f}]"
+              f"  similar length {report['similar_length']['accuracy']:.3f} ({report['similar_length']['pairs']} pairs)")
+        print(f"  longer wins        {report['longer_wins']['accuracy']:.3f}  similar length {report['longer_wins']['similar_length']['accuracy']:.3f}")
+        print(f"  labeler agreement  {agreement['agreement']:.3f}  ({agreement['label_pairs']} label pairs, all comparisons)")
+        print(f"  log loss {report['log_loss']:.3f}  ECE {report['ece']:.3f}  plot {plot_path}")
+
+    @rm_app.command("score")
+    def rm_score(
+        model: str = typer.Option(..., "--model", help="Reward model folder."),
+        samples: str = typer.Option(..., "--samples", help="Samples file (JSONL: post_id, policy, text)."),
+        out: str = typer.Option(..., "--out", help="Where to write the samples with a `score` field."),
+        data_dir: str = typer.Option("", "--data-dir", help="Data folder with tldr/posts.jsonl."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
+        query_max_tokens: int = typer.Option(0, "--query-max-tokens", help="Query budget (default: the one the RM was trained with)."),
+        response_max_tokens: int = typer.Option(0, "--response-max-tokens", help="Response budget (default: the RM's)."),
+    ) -> None:
+        """Scores every sample of a samples file with the reward model."""
+        print(json.dumps(score_samples_file(model, samples, out, data_dir, batch_size, query_max_tokens, response_max_tokens), indent=2))
