@@ -37,6 +37,10 @@ def _register_stages() -> None:
     stage_command(app, "sft", SFTConfig, "sft", run_sft, "Supervised fine-tuning on post → reference TL;DR.")
     stage_command(app, "sample", SampleConfig, "sample", run_sample, "Summarize posts of a split with a policy; writes a samples file.")
 
+    from fromfeedback.reward import register_cli as register_rm
+
+    register_rm(app, stage_command)
+
 
 @data_app.command("validate")
 def data_validate(paths: list[str] = typer.Argument(..., help="posts.jsonl, comparison, samples, rankings or CNN/DM files.")) -> None:
