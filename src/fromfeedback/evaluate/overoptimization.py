@@ -1,0 +1,123 @@
+"""`fromfeedback eval overoptimization`: proxy reward and judge reward against KL to the SFT policy.
+
+Input contract (what PPO and best-of-N write, so the pipeline can feed this directly): one samples
+file per point, given as `--point LABEL=FILE`. Each sample carries
+- `kl`: its KL to the SFT policy in nats. PPO: the sample's log π − log π_SFT summed over its tokens;
+  best-of-N: the analytic log N − (N−1)/N. The point's KL is the mean over its samples.
+- `score` (optional): the proxy (training) RM's score. Without it, pass `--proxy DIR` and it is computed.
+The part of LABEL before the first `/` names the series the point belongs to and the rest names the
+point: `ppo-beta0.05/iter-40`, `ppo-beta0.01/final`, `best-of-n/N=16`. Points of one series are joined
+by a line in order of KL. The paper's finding to look for: the proxy score keeps rising with KL while
+the judge's score peaks and falls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fromfeedback.data import load_samples
+from fromfeedback.evaluate.judges import RewardModelJudge
+from fromfeedback.files import UserError
+
+
+def parse_points(items: list[str]) -> dict[str, str]:
+    """`LABEL=FILE` items → {label: file}. Labels and paths may both hold `=` (`best-of-n/N=16=bon16.jsonl`):
+    the split is at the first `=` after which an existing file is named."""
+    points = {}
+    for item in items:
+        cuts = [i for i, ch in enumerate(item) if ch == "="]
+        existing = [i for i in cuts if Path(item[i + 1 :]).is_file()]
+        cut = (existing or cuts or [-1])[0]
+        if cut <= 0 or cut == len(item) - 1:
+            raise UserError(f"--point {item!r}: expected LABEL=SAMPLES_FILE")
+        points[item[:cut]] = item[cut + 1 :]
+    return points
+
+
+def point_series(label: str) -> str:
+    return label.split("/", 1)[0]
+
+
+def measure_points(points: dict[str, str], posts: dict[str, Any], judge: RewardModelJudge, proxy: RewardModelJudge | None) -> list[dict[str, Any]]:
+    """One row per point: KL, proxy score, judge score, and the judge's win rate against the references."""
+    from fromfeedback.evaluate.judges import sigmoid
+
+    rows = []
+    for label, path in points.items():
+        samples = [s for s in load_samples(path) if s.post_id in posts]
+        if not samples:
+            raise UserError(f"{path}: no sample of a known post (point {label!r})")
+        missing_kl = [s.post_id for s in samples if not isinstance(s.extra.get("kl"), (int, float))]
+        if missing_kl:
+            raise UserError(f"{path}: samples need a numeric `kl` field (first without: post {missing_kl[0]})")
+        chosen = [posts[s.post_id] for s in samples]
+        if proxy is not None:
+            proxy_scores = proxy.score(chosen, [s.text for s in samples])
+        elif all(isinstance(s.extra.get("score"), (int, float)) for s in samples):
+            proxy_scores = [float(s.extra["score"]) for s in samples]
+        else:
+            raise UserError(f"{path}: samples lack a `score` field; pass --proxy DIR to score them with the proxy RM")
+        judge_scores = judge.score(chosen, [s.text for s in samples])
+        with_reference = [(p, score) for p, score in zip(chosen, judge_scores) if p.reference]
+        reference_scores = judge.score([p for p, _ in with_reference], [p.reference for p, _ in with_reference])
+        wins = [sigmoid(score - ref) for (_, score), ref in zip(with_reference, reference_scores)]
+        n = len(samples)
+        rows.append({
+            "label": label,
+            "series": point_series(label),
+            "samples": n,
+            "kl": sum(s.extra["kl"] for s in samples) / n,
+            "proxy_score": sum(proxy_scores) / n,
+            "judge_score": sum(judge_scores) / n,
+            "judge_win_rate": sum(wins) / len(wins) if wins else None,
+        })
+    return rows
+
+
+def plot_points(rows: list[dict[str, Any]], path: str | Path, title: str = "Over-optimization") -> Path:
+    """Proxy (dashed, hollow) and judge (solid) reward against KL, one color per series, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fromfeedback.files import atomic_path
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+        points = sorted((r for r in rows if r["series"] == series), key=lambda r: r["kl"])
+        color = colors[index % len(colors)]
+        kls = [r["kl"] for r in points]
+        axes.plot(kls, [r["proxy_score"] for r in points], "--o", color=color, markerfacecolor="none", label=f"{series}: proxy RM")
+        axes.plot(kls, [r["judge_score"] for r in points], "-o", color=color, label=f"{series}: judge")
+    axes.axhline(0.0, color="gray", linewidth=0.8)
+    axes.set_xlabel("KL(π ‖ π_SFT), nats")
+    axes.set_ylabel("reward (references = 0)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
+
+
+def run_overoptimization(point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16) -> dict[str, Any]:
+    """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png."""
+    from fromfeedback.config import default_data_dir
+    from fromfeedback.data import load_tldr
+    from fromfeedback.files import write_json
+
+    points = parse_points(point_items)
+    if not points:
+        raise UserError("give at least one --point LABEL=SAMPLES_FILE")
+    posts = {p.id: p for p in load_tldr(data_dir or default_data_dir(), None if split == "all" else split)}
+    judge = RewardModelJudge(judge_dir, batch_size=batch_size)
+    proxy = RewardModelJudge(proxy_dir, batch_size=batch_size) if proxy_dir else None
+    rows = measure_points(points, posts, judge, proxy)
+    plot = plot_points(rows, Path(out_dir) / "overoptimization.png")
+    result = {"kind": "overoptimization", "judge": judge.name, "proxy": proxy.name if proxy else "score field", "plot": plot.name, "points": rows}
+    write_json(Path(out_dir) / "overoptimization.json", result)
+    return result
