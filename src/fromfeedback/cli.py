@@ -36,6 +36,9 @@ def _register_stages() -> None:
 
     stage_command(app, "sft", SFTConfig, "sft", run_sft, "Supervised fine-tuning on post → reference TL;DR.")
     stage_command(app, "sample", SampleConfig, "sample", run_sample, "Summarize posts of a split with a policy; writes a samples file.")
+    from fromfeedback.label.cli import label_app
+
+    app.add_typer(label_app, name="label")
     from fromfeedback.evaluate.cli import eval_app, report_command
 
     app.add_typer(eval_app, name="eval")

@@ -1,0 +1,211 @@
+"""Simulated labelers: accounts that log in and label through the same HTTP forms as people.
+
+A judge (a reward model folder, or `length` / `random` for load tests) scores the two summaries shown; the
+labeler picks the higher one, flips that choice with probability `noise`, and draws a confidence from the
+score margin. A submission that gets no answer (server down) is retried until answered: the per-assignment
+unique label makes retries safe, so an acknowledged label is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import httpx
+
+from fromfeedback.files import UserError
+
+# (post with subreddit/title/post attributes, summary A, summary B) -> score margin of A over B
+Judge = Callable[[SimpleNamespace, str, str], float]
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
+FORM_ACTION = re.compile(r'<form method="post" action="(/tasks/\d+)" id="label-form">')
+PROJECT_LINK = re.compile(r'<a href="/projects/(\d+)/task" class="project-link" data-project-name="([^"]*)">')
+
+
+def _element_text(page: str, element_id: str) -> str:
+    match = re.search(rf'id="{element_id}"[^>]*>(.*?)</', page, re.DOTALL)
+    return html.unescape(match.group(1)) if match else ""
+
+
+def length_judge(_post, text_a: str, text_b: str) -> float:
+    return (len(text_a) - len(text_b)) / 20.0
+
+
+def random_judge(_post, _text_a: str, _text_b: str) -> float:
+    return random.gauss(0.0, 1.0)
+
+
+def reward_model_judge(model_dir: str, batch_size: int = 2) -> Judge:
+    """A judge from a saved reward model: the margin is r(A) - r(B). Thread-safe (one forward at a time)."""
+    from fromfeedback import stage_info
+    from fromfeedback.models import load_scalar_model, load_tokenizer, resolve_model
+    from fromfeedback.reward import score_summaries
+
+    folder = resolve_model(model_dir)
+    model, tokenizer = load_scalar_model(folder).eval(), load_tokenizer(folder)
+    query_max_tokens = int(stage_info.read(folder).get("query_max_tokens", 512))
+    lock = threading.Lock()
+
+    def judge(post, text_a: str, text_b: str) -> float:
+        with lock:
+            score_a, score_b = score_summaries(model, tokenizer, [post, post], [text_a, text_b], query_max_tokens, batch_size=batch_size)
+        return score_a - score_b
+
+    return judge
+
+
+def make_judge(name: str) -> Judge:
+    if name == "length":
+        return length_judge
+    if name == "random":
+        return random_judge
+    return reward_model_judge(name)
+
+
+def choose(margin: float, noise: float, rng: random.Random) -> int:
+    """Confidence as shown (1 = A definitely better … 9 = B definitely better): the judge's side, flipped
+    with probability `noise`; strength 1–4 grows with P(preferred) = sigmoid(|margin|), plus jitter."""
+    prefers_a = margin > 0 or (margin == 0 and rng.random() < 0.5)
+    if rng.random() < noise:
+        prefers_a = not prefers_a
+    certainty = 2.0 / (1.0 + math.exp(-abs(margin))) - 1.0  # 0 (coin flip) .. 1 (sure)
+    strength = min(4, max(1, round(1 + 3 * certainty + rng.gauss(0.0, 0.5))))
+    return 5 - strength if prefers_a else 5 + strength
+
+
+@dataclass
+class LabelerResult:
+    username: str
+    acknowledged: list[int] = field(default_factory=list)
+    """Assignment ids whose submission the server acknowledged (303)."""
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per request (task page fetches and submissions)."""
+    retries: int = 0
+    error: str | None = None
+
+
+class SimulatedLabeler:
+    def __init__(self, base_url: str, username: str, password: str, judge: Judge, noise: float, seed: int, retry_seconds: float = 120.0):
+        self.base_url = base_url.rstrip("/")
+        self.username, self.password = username, password
+        self.judge, self.noise = judge, noise
+        self.rng = random.Random(seed)
+        self.retry_seconds = retry_seconds
+        self.client = httpx.Client(base_url=self.base_url, follow_redirects=False, timeout=60.0)
+        self.result = LabelerResult(username)
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, retried on connection errors (a restarting server) for up to `retry_seconds`."""
+        deadline = time.monotonic() + self.retry_seconds
+        while True:
+            start = time.perf_counter()
+            try:
+                response = self.client.request(method, path, **kwargs)
+                self.result.latencies.append(time.perf_counter() - start)
+                return response
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if time.monotonic() > deadline:
+                    raise
+                self.result.retries += 1
+                time.sleep(0.2)
+
+    def login(self) -> None:
+        page = self.request("GET", "/login")
+        token = CSRF.search(page.text).group(1)
+        response = self.request("POST", "/login", data={"username": self.username, "password": self.password, "csrf_token": token})
+        if response.status_code != 303:
+            raise UserError(f"simulated labeler {self.username!r} could not log in (HTTP {response.status_code})")
+
+    def project_id(self, name: str) -> int:
+        page = self.request("GET", "/")
+        for project_id, project_name in PROJECT_LINK.findall(page.text):
+            if html.unescape(project_name) == name or project_id == name:
+                return int(project_id)
+        raise UserError(f"no project {name!r} on {self.base_url}")
+
+    def label_one(self, project_id: int) -> bool:
+        """Fetches the next task and submits a label; False when no task is left."""
+        while True:
+            page = self.request("GET", f"/projects/{project_id}/task")
+            if page.status_code == 303 and page.headers.get("location", "").endswith("/login"):
+                self.login()  # the server lost the session (e.g. a fresh database): log in again
+                continue
+            page.raise_for_status()
+            break
+        action = FORM_ACTION.search(page.text)
+        if action is None:
+            return False
+        post = SimpleNamespace(
+            subreddit=_element_text(page.text, "post-subreddit"), title=_element_text(page.text, "post-title"), post=_element_text(page.text, "post-body")
+        )
+        margin = self.judge(post, _element_text(page.text, "summary-a"), _element_text(page.text, "summary-b"))
+        form = {"csrf_token": CSRF.search(page.text).group(1), "confidence": str(choose(margin, self.noise, self.rng)), "note": ""}
+        response = self.request("POST", action.group(1), data=form)
+        if response.status_code != 303:
+            raise RuntimeError(f"{self.username}: submitting {action.group(1)} got HTTP {response.status_code}")
+        self.result.acknowledged.append(int(action.group(1).rsplit("/", 1)[1]))
+        return True
+
+    def run(self, project: str, labels: int) -> LabelerResult:
+        try:
+            self.login()
+            project_id = self.project_id(project)
+            while len(self.result.acknowledged) < labels and self.label_one(project_id):
+                pass
+        except Exception as e:  # reported per labeler; the others go on
+            self.result.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.client.close()
+        return self.result
+
+
+def ensure_accounts(base_url: str, admin_user: str, admin_password: str, usernames: list[str], password: str) -> None:
+    """Creates the labeler accounts through the admin page (existing ones are left as they are)."""
+    admin = SimulatedLabeler(base_url, admin_user, admin_password, length_judge, 0.0, 0)
+    admin.login()
+    page = admin.request("GET", "/admin")
+    if page.status_code != 200:
+        raise UserError(f"{admin_user!r} cannot open the admin page (HTTP {page.status_code}): use an admin account")
+    token = CSRF.search(page.text).group(1)
+    existing = set(re.findall(r"<li>([^<(]+?)(?: \(admin\))?</li>", page.text))
+    for username in usernames:
+        if username in existing:
+            continue
+        response = admin.request("POST", "/admin/users", data={"username": username, "password": password, "csrf_token": token})
+        if response.status_code != 303:
+            raise UserError(f"could not create {username!r} (HTTP {response.status_code})")
+    admin.client.close()
+
+
+def run_simulation(
+    base_url: str, project: str, usernames: list[str], password: str, labels_per_labeler: int, judge: Judge, noise: float = 0.0, seed: int = 0,
+    retry_seconds: float = 120.0,
+) -> list[LabelerResult]:
+    """All labelers at once, one thread each; returns their results (acknowledged assignments, latencies)."""
+    labelers = [SimulatedLabeler(base_url, name, password, judge, noise, seed * 1000 + i, retry_seconds) for i, name in enumerate(usernames)]
+    results: list[LabelerResult | None] = [None] * len(labelers)
+
+    def work(index: int) -> None:
+        results[index] = labelers[index].run(project, labels_per_labeler)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(labelers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
