@@ -91,7 +91,7 @@ def test_text_statistics():
     assert metrics.text_statistics(["a"], [None])["eos_rate"] is None
 
 
-def test_sequence_logprobs_match_a_full_forward_pass_and_kl_to_itself_is_zero():
+def test_sequence_logprobs_match_a_full_forward_pass():
     from fromfeedback.models import load_policy, load_tokenizer
 
     tokenizer = load_tokenizer("tiny-random")
@@ -105,5 +105,3 @@ def test_sequence_logprobs_match_a_full_forward_pass_and_kl_to_itself_is_zero():
             logits = model(input_ids=ids).logits[0, len(query) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).sum()
         assert total == pytest.approx(float(expected), abs=1e-3)
-    assert metrics.kl_to_reference(totals, totals) == 0.0
-    assert metrics.kl_to_reference([-1.0, -3.0], [-2.0, -5.0]) == pytest.approx(1.5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fromfeedback.cli import main
-from fromfeedback.data import Sample, load_tldr, write_samples
+from fromfeedback.data import Sample, load_samples, load_tldr, write_samples
 from fromfeedback.evaluate.overoptimization import parse_points, plot_points, point_series, run_overoptimization
 from fromfeedback.files import UserError
 
@@ -70,3 +70,18 @@ def test_samples_without_kl_or_score_are_rejected(tmp_path, data_dir, tiny_model
         run_overoptimization([f"a={no_score}"], str(tiny_model_dir), "", str(data_dir), "test", str(tmp_path / "out"))
     with pytest.raises(UserError, match="LABEL=SAMPLES_FILE"):
         run_overoptimization(["nolabel"], str(tiny_model_dir), "", str(data_dir), "test", str(tmp_path / "out"))
+
+
+def test_a_policy_folder_point_is_sampled_and_measured(tmp_path, data_dir, tiny_model_dir):
+    torch.manual_seed(0)
+    out = tmp_path / "eval"
+    result = run_overoptimization(
+        [f"sft/self={tiny_model_dir}"], str(tiny_model_dir), str(tiny_model_dir), str(data_dir), "test", str(out), batch_size=2,
+        sft=str(tiny_model_dir), limit=2,
+    )
+    (row,) = result["points"]
+    assert row["samples"] == 2 and row["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own SFT model
+    samples = load_samples(out / "points" / "sft_self.jsonl")
+    assert [s.post_id for s in samples] == [p.id for p in load_tldr(data_dir, "test")[:2]]
+    with pytest.raises(UserError, match="--sft"):
+        run_overoptimization([f"p={tiny_model_dir}"], str(tiny_model_dir), "", str(data_dir), "test", str(out), limit=1)

@@ -40,10 +40,12 @@ def eval_policy(
 
 @eval_app.command("overoptimization")
 def eval_overoptimization(
-    point: list[str] = typer.Option(..., "--point", help="SERIES/NAME=SAMPLES_FILE; samples carry `kl` (and `score`, else --proxy). Repeat."),
+    point: list[str] = typer.Option(..., "--point", help="SERIES/NAME=SAMPLES_FILE (samples carry `kl`, and `score` unless --proxy) or SERIES/NAME=POLICY_DIR (needs --sft). Repeat."),
     judge: str = typer.Option(..., "--judge", help="Held-out reward model folder (the 'true' reward)."),
     proxy: str = typer.Option("", "--proxy", help="Proxy (training) RM folder; without it each sample's `score` is used."),
-    split: str = typer.Option("all", "--split", help="Split of the posts the samples come from (all: any)."),
+    sft: str = typer.Option("", "--sft", help="SFT policy folder: the KL reference for policy-folder points."),
+    split: str = typer.Option("test", "--split", help="Posts: those policy-folder points summarize; samples of other posts are ignored (all: any)."),
+    limit: int = typer.Option(0, "--limit", help="Policy-folder points summarize the first N posts only (0: all)."),
     data_dir: str = typer.Option("", "--data-dir"),
     batch_size: int = typer.Option(16, "--batch-size"),
     out: str = typer.Option("runs/eval", "--out", help="Folder for overoptimization.json and overoptimization.png."),
@@ -52,7 +54,7 @@ def eval_overoptimization(
     """Proxy and judge reward against KL to SFT for PPO checkpoints, PPO at several β and best-of-N, in one plot."""
     from fromfeedback.evaluate.overoptimization import run_overoptimization
 
-    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size)
+    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size, sft, limit)
     if json_output:
         print(json.dumps(result, indent=2))
         return

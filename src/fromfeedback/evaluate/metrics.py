@@ -108,13 +108,3 @@ def sequence_logprobs(model, tokenizer, queries: Sequence[list[int]], responses:
         token_logprobs = logprobs_from_logits(logits.float(), batch.response_ids)
         totals.extend(masked_sum(token_logprobs, batch.response_mask.float(), dim=-1).tolist())
     return totals
-
-
-def kl_to_reference(policy_logprobs: Sequence[float], reference_logprobs: Sequence[float]) -> float:
-    """KL(π ‖ π_SFT) estimated on samples drawn from π: the mean of log π(y|x) − log π_SFT(y|x) in nats.
-
-    The estimate is unbiased only for samples drawn at temperature 1 from π; on greedy samples it is
-    the log-likelihood ratio of the summaries actually produced, which is what the paper's tables use.
-    """
-    diffs = [p - r for p, r in zip(policy_logprobs, reference_logprobs)]
-    return sum(diffs) / max(len(diffs), 1)

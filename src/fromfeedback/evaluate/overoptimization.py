@@ -5,6 +5,10 @@ file per point, given as `--point LABEL=FILE`. Each sample carries
 - `kl`: its KL to the SFT policy in nats. PPO: the sample's log π − log π_SFT summed over its tokens;
   best-of-N: the analytic log N − (N−1)/N. The point's KL is the mean over its samples.
 - `score` (optional): the proxy (training) RM's score. Without it, pass `--proxy DIR` and it is computed.
+A point may instead name a policy folder (`--point ppo-beta0.05/final=runs/x/ppo/model`, e.g. a
+PPO run's final policy or a saved checkpoint): it then summarizes the split's posts greedily, each
+sample's `kl` is log π − log π_SFT on it (needs `--sft`), and the samples are kept as
+OUT/points/<label>.jsonl for the report.
 The part of LABEL before the first `/` names the series the point belongs to and the rest names the
 point: `ppo-beta0.05/iter-40`, `ppo-beta0.01/final`, `best-of-n/N=16`. Points of one series are joined
 by a line in order of KL. The paper's finding to look for: the proxy score keeps rising with KL while
@@ -39,8 +43,34 @@ def point_series(label: str) -> str:
     return label.split("/", 1)[0]
 
 
+def sample_policy_point(label: str, model: str, sft: str, posts: list[Any], out_dir: Path, batch_size: int, max_new_tokens: int = 48) -> Path:
+    """Greedy summaries of `posts` by the policy in `model`, each with its `kl` to the SFT policy."""
+    from fromfeedback.data import Sample, make_query, write_samples
+    from fromfeedback.evaluate.policy import sample_kls
+    from fromfeedback.models import load_policy, load_tokenizer, resolve_model
+    from fromfeedback.runtime import default_device
+    from fromfeedback.sampling import generate, query_budget
+
+    if not sft:
+        raise UserError(f"point {label!r} is a policy folder: give --sft DIR to measure its KL")
+    model_dir = resolve_model(model)
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_policy(model_dir).to(default_device()).eval()
+    budget = query_budget(model_dir, 0)
+    queries = [tokenizer.encode(make_query(p.subreddit, p.title, p.post, tokenizer, budget), add_special_tokens=False) for p in posts]
+    generation = generate(policy, tokenizer, queries, max_new_tokens, batch_size=batch_size, show_progress=True)
+    del policy
+    samples = [Sample(p.id, label, text, {"eos": bool(ended)}) for p, text, ended in zip(posts, generation.texts, generation.ended.tolist())]
+    for sample, kl in zip(samples, sample_kls(samples, {p.id: p for p in posts}, str(model_dir), sft, batch_size)):
+        sample.extra["kl"] = kl
+    path = out_dir / "points" / (label.replace("/", "_").replace("=", "") + ".jsonl")
+    write_samples(path, samples)
+    return path
+
+
 def measure_points(points: dict[str, str], posts: dict[str, Any], judge: RewardModelJudge, proxy: RewardModelJudge | None) -> list[dict[str, Any]]:
-    """One row per point: KL, proxy score, judge score, and the judge's win rate against the references."""
+    """One row per point (a samples file): KL, proxy score, judge score, and the judge's win rate
+    against the references."""
     from fromfeedback.evaluate.judges import sigmoid
 
     rows = []
@@ -104,8 +134,12 @@ def plot_points(rows: list[dict[str, Any]], path: str | Path, title: str = "Over
     return Path(path)
 
 
-def run_overoptimization(point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16) -> dict[str, Any]:
-    """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png."""
+def run_overoptimization(
+    point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16, sft: str = "", limit: int = 0
+) -> dict[str, Any]:
+    """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png.
+
+    Policy-folder points summarize the first `limit` posts of `split` (0: all)."""
     from fromfeedback.config import default_data_dir
     from fromfeedback.data import load_tldr
     from fromfeedback.files import write_json
@@ -113,7 +147,11 @@ def run_overoptimization(point_items: list[str], judge_dir: str, proxy_dir: str,
     points = parse_points(point_items)
     if not points:
         raise UserError("give at least one --point LABEL=SAMPLES_FILE")
-    posts = {p.id: p for p in load_tldr(data_dir or default_data_dir(), None if split == "all" else split)}
+    post_list = load_tldr(data_dir or default_data_dir(), None if split == "all" else split)
+    posts = {p.id: p for p in post_list}
+    for label, path in points.items():
+        if Path(path).is_dir():
+            points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size))
     judge = RewardModelJudge(judge_dir, batch_size=batch_size)
     proxy = RewardModelJudge(proxy_dir, batch_size=batch_size) if proxy_dir else None
     rows = measure_points(points, posts, judge, proxy)

@@ -100,8 +100,12 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int = 48) -> list[int]:
     return ids
 
 
-def policy_kl(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int) -> float:
-    """Mean log π(y|x) − log π_SFT(y|x) over a policy's samples, each model with its own query budget."""
+def sample_kls(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int) -> list[float]:
+    """log π(y|x) − log π_SFT(y|x) of each sample in nats, each model with its own query budget.
+
+    Their mean over samples drawn from π estimates KL(π ‖ π_SFT); it is unbiased for samples drawn at
+    temperature 1, and on greedy samples it is the log-likelihood ratio of the summaries produced.
+    """
     from fromfeedback.data import make_query
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
     from fromfeedback.runtime import default_device
@@ -115,9 +119,15 @@ def policy_kl(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sf
         budget = query_budget(model_dir, 0)
         queries = [tokenizer.encode(make_query(posts[s.post_id].subreddit, posts[s.post_id].title, posts[s.post_id].post, tokenizer, budget), add_special_tokens=False) for s in samples]
         responses = [response_ids(tokenizer, s) for s in samples]
-        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size))
+        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size, precision="fp32"))  # small KLs drown in bf16 noise
         del model
-    return metrics.kl_to_reference(logprobs[0], logprobs[1])
+    return [p - r for p, r in zip(*logprobs)]
+
+
+def policy_kl(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int) -> float:
+    """KL(π ‖ π_SFT) estimated on the policy's own samples (see `sample_kls`)."""
+    kls = sample_kls(samples, posts, policy_dir, sft_dir, batch_size)
+    return sum(kls) / max(len(kls), 1)
 
 
 def evaluate_policies(config: PolicyEvalConfig, judge: Judge) -> dict[str, Any]:
