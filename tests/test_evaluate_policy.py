@@ -98,3 +98,22 @@ def test_export_samples(tmp_path, data_dir):
     main(["eval", "export-samples", "openai_ppo_1.3b", "--out", str(out), "--data-dir", str(data_dir)])
     samples = load_samples(out)
     assert len(samples) == 246 and {s.policy for s in samples} == {"openai_ppo_1.3b"}
+
+
+def test_human_labels_of_the_real_comparisons(tmp_path, data_dir):
+    """batch13: OpenAI's labelers preferred the 12B human-feedback policy to the 12B supervised one."""
+    from fromfeedback.evaluate.judges import HumanLabelsJudge
+    from fromfeedback.evaluate.policy import samples_from_comparisons
+
+    labels = data_dir / "tldr" / "comparisons" / "batch13.json"
+    samples = samples_from_comparisons(labels)
+    assert {s.policy for s in samples} == {"sup4_ppo_rm4_t.7", "sup4_12b_t0.7"}
+    write_samples(tmp_path / "b13.jsonl", samples)
+    config = PolicyEvalConfig(samples=[str(tmp_path / "b13.jsonl")], baseline="sup4_12b_t0.7", split="all", data_dir=str(data_dir))
+    result = evaluate_policies(config, HumanLabelsJudge(labels))
+    ppo = result["policies"]["sup4_ppo_rm4_t.7"]
+    assert list(result["policies"])[0] == "sup4_12b_t0.7"
+    assert ppo["n"] == 905  # one judged pair per labeled post
+    assert 0.69 < ppo["win_rate"] < 0.75 and ppo["ci_low"] > 0.65
+    assert ppo["lc_win_rate"] < ppo["win_rate"]  # part of the preference is for the longer RL summaries
+    assert ppo["mean_words"] > result["policies"]["sup4_12b_t0.7"]["mean_words"]

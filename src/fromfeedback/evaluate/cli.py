@@ -15,7 +15,7 @@ def eval_policy(
     samples: list[str] = typer.Option(..., "--samples", help="Samples file, posts:NAME (e.g. posts:openai_ppo_1.3b) or reference; repeat for more."),
     judge: str = typer.Option(..., "--judge", help="rm:DIR (reward model), human:FILE (exported comparisons) or simulated:DIR."),
     baseline: str = typer.Option("reference", "--baseline", help="reference, or the name of a loaded policy."),
-    split: str = typer.Option("test", "--split", help="Posts to evaluate on."),
+    split: str = typer.Option("test", "--split", help="Posts to evaluate on (all: every post)."),
     limit: int = typer.Option(0, "--limit", help="Only the first N posts of the split (0: all)."),
     sft: str = typer.Option("", "--sft", help="SFT policy folder, for KL to SFT (with --policy-model)."),
     policy_model: list[str] = typer.Option([], "--policy-model", help="NAME=DIR: the folder of policy NAME, for its KL to SFT."),
@@ -79,19 +79,26 @@ def eval_transfer(ctx: typer.Context, preset: Optional[str] = typer.Option(None,
 
 @eval_app.command("export-samples")
 def eval_export_samples(
-    policy: str = typer.Argument(..., help="A samples key of posts.jsonl (openai_ppo_1.3b) or reference."),
+    source: str = typer.Argument(..., help="A samples key of posts.jsonl (openai_ppo_1.3b), reference, or a comparisons file."),
     out: str = typer.Option(..., "--out", help="Samples file to write."),
-    split: str = typer.Option("test", "--split"),
+    split: str = typer.Option("test", "--split", help="For posts.jsonl sources: the posts to export (all: every post)."),
     data_dir: str = typer.Option("", "--data-dir"),
 ) -> None:
-    """Writes summaries stored in posts.jsonl as a samples file, e.g. for RUN_DIR/samples/ and the report."""
+    """Writes summaries stored elsewhere as a samples file: those in posts.jsonl (e.g. for RUN_DIR/samples/
+    and the report), or every labeled policy of a comparisons file (to evaluate them with `human:FILE`)."""
+    from pathlib import Path
+
     from fromfeedback.config import default_data_dir
     from fromfeedback.data import load_tldr, write_samples
-    from fromfeedback.evaluate.policy import posts_source
+    from fromfeedback.evaluate.policy import posts_source, samples_from_comparisons
 
-    samples = list(posts_source(load_tldr(data_dir or default_data_dir(), split), policy).values())
+    if Path(source).is_file():
+        samples = samples_from_comparisons(source)
+    else:
+        samples = list(posts_source(load_tldr(data_dir or default_data_dir(), None if split == "all" else split), source).values())
     write_samples(out, samples)
-    print(f"wrote {len(samples)} samples of {policy} to {out}")
+    policies = sorted({s.policy for s in samples})
+    print(f"wrote {len(samples)} samples of {', '.join(policies)} to {out}")
 
 
 def report_command(

@@ -32,7 +32,7 @@ class PolicyEvalConfig:
     data_dir: str = ""
     """Folder with tldr/posts.jsonl (default: $FROMFEEDBACK_DATA_DIR or ../shared/data)."""
     split: str = "test"
-    """Posts to evaluate on (the paper's 246 `test` posts by default)."""
+    """Posts to evaluate on (the paper's 246 `test` posts by default; `all` for every post)."""
     limit: int = 0
     """Evaluate on the first N posts of the split only (0: all)."""
     sft: str = ""
@@ -58,6 +58,18 @@ def posts_source(posts: list[Post], name: str) -> dict[str, Sample]:
         known = sorted({key for p in posts for key in p.samples})
         raise UserError(f"no post of the split has samples[{name!r}]; posts.jsonl has {known}")
     return found
+
+
+def samples_from_comparisons(path: str | Path) -> list[Sample]:
+    """Every summary of a comparisons file as a sample of its policy (the first one per post and policy),
+    so labeled policies can be evaluated with `human:` that same file as judge."""
+    from fromfeedback.data import load_comparisons
+
+    seen: dict[tuple[str, str], Sample] = {}
+    for comparison in load_comparisons(path):
+        for summary in comparison.summaries:
+            seen.setdefault((summary.policy, comparison.post_id), Sample(comparison.post_id, summary.policy, summary.text))
+    return list(seen.values())
 
 
 def load_policies(specs: list[str], posts: list[Post]) -> dict[str, dict[str, Sample]]:
@@ -135,7 +147,7 @@ def evaluate_policies(config: PolicyEvalConfig, judge: Judge) -> dict[str, Any]:
     from fromfeedback.config import default_data_dir
     from fromfeedback.data import load_tldr
 
-    posts = load_tldr(config.data_dir or default_data_dir(), config.split)
+    posts = load_tldr(config.data_dir or default_data_dir(), None if config.split == "all" else config.split)
     if config.limit:
         posts = posts[: config.limit]
     post_by_id = {p.id: p for p in posts}
@@ -144,6 +156,7 @@ def evaluate_policies(config: PolicyEvalConfig, judge: Judge) -> dict[str, Any]:
         if config.baseline != REFERENCE:
             raise UserError(f"baseline {config.baseline!r} is not among the loaded policies {sorted(policies)}")
         policies = {REFERENCE: posts_source(posts, REFERENCE), **policies}
+    policies = {config.baseline: policies[config.baseline], **policies}  # the baseline's row first
     baseline = policies[config.baseline]
     models = parse_named_paths(config.policy_models, "--policy-model")
     unknown = sorted(set(models) - set(policies))
@@ -213,7 +226,8 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     for _, key, percent in TABLE_COLUMNS:
         if key is None:
             low, high = row.get("ci_low"), row.get("ci_high")
-            cells.append("—" if low is None else f"{_cell(low, True)} – {_cell(high, True)}")
+            missing = low is None or (isinstance(low, float) and math.isnan(low))
+            cells.append("—" if missing else f"{_cell(low, True)} – {_cell(high, True)}")
         else:
             cells.append(_cell(row.get(key), percent))
     return cells
