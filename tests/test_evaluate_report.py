@@ -32,6 +32,7 @@ def make_run(run_dir, data_dir):
                                                      "policy_summaries": {"rouge1": 0.2}, "lead3": {"rouge1": 0.4}, "highlights": {}})
     (run_dir / "eval" / "notes.json").write_text("not json")  # ignored, not fatal
     (run_dir / "sft").mkdir()
+    write_json(run_dir / "sft" / "summary.json", {"valid_loss": {"before": 3.25, "after": 2.5}, "steps": 5, "samples": [1, 2]})
     (run_dir / "sft" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-5}) + "\n" for s in range(1, 6)))
     write_samples(run_dir / "samples" / "sft.jsonl", [Sample(p.id, "sft", f"sft summary {i}") for i, p in enumerate(posts)])
     write_samples(run_dir / "samples" / "ppo.jsonl", [Sample(p.id, "ppo", HOSTILE) for p in posts])
@@ -40,12 +41,13 @@ def make_run(run_dir, data_dir):
 
 def test_report_escapes_text_and_degrades_gracefully(tmp_path, data_dir):
     empty = build_report(tmp_path, str(data_dir))
-    assert "No policy evaluation" in empty and "No training curves" in empty and "No samples" in empty
+    assert "No policy evaluation" in empty and "No training curves" in empty and "No samples" in empty and "No stage summaries" in empty
     make_run(tmp_path, data_dir)
     page = build_report(tmp_path, str(data_dir), examples=2)
     assert "<script>window.pwned" not in page and "&lt;script&gt;window.pwned" in page
     assert page.count("data:image/png;base64,") == 2  # the over-optimization plot and the SFT curves
     assert "No policy evaluation" not in page and "openai_ppo_1.3b" in page
+    assert "<td>valid_loss.after</td><td>2.5</td>" in page and "<td>steps</td><td>5</td>" in page
 
 
 def test_side_by_side_column_order():
@@ -73,6 +75,7 @@ def test_report_renders_in_headless_chromium(tmp_path, data_dir):
             assert page.locator("table.overoptimization-table tr").count() == 3
             assert page.locator("table.transfer-table").count() == 1
             assert page.locator("div.example").count() == 3
+            assert page.locator("table.stage-summary tr").count() == 3
             assert page.evaluate("window.pwned") is None  # the hostile summary was shown, not run
             assert HOSTILE in page.locator("table.policy-table").inner_text()
             assert posts[0].title.strip() in page.inner_text("body")

@@ -233,10 +233,15 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     return cells
 
 
+def table_title(result: dict[str, Any]) -> str:
+    posts = f"all {result.get('posts')} posts" if result.get("split") == "all" else f"{result.get('posts')} {result.get('split')} posts"
+    return f"judge {result.get('judge')} vs baseline {result.get('baseline')}, on {posts}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     header = ["policy"] + [title for title, _, _ in TABLE_COLUMNS]
     lines = [[name] + table_cells(row) for name, row in result["policies"].items()]
     widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    title = f"judge {result['judge']} vs baseline {result['baseline']} on {result['posts']} {result['split']} posts"
+    title = table_title(result)
     return "\n".join([title, render(header)] + [render(line) for line in lines])

@@ -8,6 +8,8 @@ What it looks for in RUN_DIR (each part is optional; a missing one becomes a sho
 - `eval/*.png`: any other plot there is embedded too.
 - `*/metrics.jsonl` (any depth, e.g. `sft/metrics.jsonl`, `rm/metrics.jsonl`, `ppo/metrics.jsonl`):
   training curves, one small panel per numeric metric against `step`.
+- `*/summary.json` and `*/eval.json` (e.g. `sft/summary.json`, `rm/eval.json`): each stage's own
+  summary, shown as a table of its numbers and short strings.
 - `samples/*.jsonl`: samples files; shown side by side per post with the post, its reference and
   OpenAI's 1.3B summary from posts.jsonl.
 """
@@ -107,14 +109,14 @@ def curves_png(rows: list[dict[str, Any]], title: str) -> bytes | None:
 
 
 def policy_table_html(result: dict[str, Any]) -> str:
-    from fromfeedback.evaluate.policy import TABLE_COLUMNS, table_cells
+    from fromfeedback.evaluate.policy import TABLE_COLUMNS, table_cells, table_title
 
     head = "".join(f"<th>{esc(title)}</th>" for title in ["policy"] + [t for t, _, _ in TABLE_COLUMNS])
     body = "".join(
         "<tr><td>" + esc(name) + "</td>" + "".join(f'<td class="num">{esc(c)}</td>' for c in table_cells(row)) + "</tr>"
         for name, row in result.get("policies", {}).items()
     )
-    caption = f"judge {result.get('judge')} vs baseline {result.get('baseline')} on {result.get('posts')} {result.get('split')} posts"
+    caption = table_title(result)
     return f'<table class="policy-table"><caption>{esc(caption)}</caption><tr>{head}</tr>{body}</table>'
 
 
@@ -166,6 +168,31 @@ def samples_html(run_dir: Path, data_dir: str, examples: int) -> str:
     return "".join(parts)
 
 
+def flatten_scalars(obj: Any, prefix: str = "", depth: int = 2) -> list[tuple[str, Any]]:
+    """(dotted key, value) for the numbers, booleans and short strings of a JSON object, 2 levels deep."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(obj, dict) and depth > 0:
+        for key, value in obj.items():
+            items += flatten_scalars(value, f"{prefix}{key}.", depth - 1) if isinstance(value, dict) else flatten_scalars(value, f"{prefix}{key}", depth)
+    elif isinstance(obj, (int, float, bool)) or (isinstance(obj, str) and len(obj) <= 120):
+        items.append((prefix, f"{obj:.4g}" if isinstance(obj, float) else obj))
+    return items
+
+
+def stage_summaries_html(run_dir: Path) -> str:
+    parts = []
+    for path in sorted([*run_dir.glob("*/summary.json"), *run_dir.glob("*/eval.json")]):
+        if path.parent.name == "eval":
+            continue
+        try:
+            items = flatten_scalars(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows = "".join(f"<tr><td>{esc(key)}</td><td>{esc(value)}</td></tr>" for key, value in items)
+        parts.append(f'<h3>{esc(path.relative_to(run_dir))}</h3><table class="stage-summary">{rows}</table>')
+    return "".join(parts) or '<p class="note">No stage summaries (RUN_DIR/*/summary.json, RUN_DIR/*/eval.json).</p>'
+
+
 def build_report(run_dir: str | Path, data_dir: str = "", examples: int = 6) -> str:
     """The HTML text of the report for RUN_DIR."""
     from fromfeedback.config import default_data_dir
@@ -210,6 +237,9 @@ def build_report(run_dir: str | Path, data_dir: str = "", examples: int = 6) -> 
     if other_plots:
         sections.append("<h2>Other plots</h2>")
         sections += [png_tag(p.read_bytes(), p.stem) for p in other_plots]
+
+    sections.append("<h2>Stage summaries</h2>")
+    sections.append(stage_summaries_html(run_dir))
 
     sections.append("<h2>Training curves</h2>")
     curves = 0
