@@ -12,6 +12,13 @@ DATA_DIR = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("FROMFEEDBACK_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker (and its subprocesses): two workers with two OpenMP threads each on a
+    # 2-core machine spin against each other and run several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -157,7 +157,9 @@ def run_sft(config: SFTConfig) -> Path:
     if (out / "summary.json").exists() and final_dir.exists():
         print(f"SFT already finished in {out}; delete {out / 'summary.json'} to train again")
         return final_dir
-    accelerator = Accelerator()
+    # cpu=True on a machine without CUDA turns torchrun-launched processes into gloo data parallelism
+    # (`accelerate launch --multi_gpu --num_processes 2`); accelerate's own `--cpu` launcher needs MPI for that.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, is_main = accelerator.device, accelerator.is_main_process
     seed_everything(config.seed)
     model_dir = resolve_model(config.model)
