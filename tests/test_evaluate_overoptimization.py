@@ -77,7 +77,7 @@ def test_a_policy_folder_point_is_sampled_and_measured(tmp_path, data_dir, tiny_
     out = tmp_path / "eval"
     result = run_overoptimization(
         [f"sft/self={tiny_model_dir}"], str(tiny_model_dir), str(tiny_model_dir), str(data_dir), "test", str(out), batch_size=2,
-        sft=str(tiny_model_dir), limit=2,
+        sft=str(tiny_model_dir), limit=2, max_new_tokens=6,
     )
     (row,) = result["points"]
     assert row["samples"] == 2 and row["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own SFT model

@@ -135,7 +135,8 @@ def plot_points(rows: list[dict[str, Any]], path: str | Path, title: str = "Over
 
 
 def run_overoptimization(
-    point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16, sft: str = "", limit: int = 0
+    point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16, sft: str = "", limit: int = 0,
+    max_new_tokens: int = 48,
 ) -> dict[str, Any]:
     """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png.
 
@@ -151,7 +152,7 @@ def run_overoptimization(
     posts = {p.id: p for p in post_list}
     for label, path in points.items():
         if Path(path).is_dir():
-            points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size))
+            points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size, max_new_tokens))
     judge = RewardModelJudge(judge_dir, batch_size=batch_size)
     proxy = RewardModelJudge(proxy_dir, batch_size=batch_size) if proxy_dir else None
     rows = measure_points(points, posts, judge, proxy)
