@@ -188,21 +188,19 @@ def ranking_group(r: Ranking, tokenizer, query_max_tokens: int, response_max_tok
     return PreferenceGroup(query, responses, [(better, worse, 1.0) for better, worse in r.pairs()])
 
 
-def flatten_groups(groups: Sequence[PreferenceGroup], pad_id: int) -> tuple[QueryResponseBatch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All responses of the groups as one batch (each with its prompt), and the pairs as row indices:
-    better [P], worse [P], target [P], weight [P] where each group's pairs share weight 1/len(pairs)."""
-    queries, responses, better, worse, target, weight = [], [], [], [], [], []
+def pair_tensors(groups: Sequence[PreferenceGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs of `groups` as indices into their responses laid end to end: better [P], worse [P],
+    target [P], and weight [P], where each group's pairs share weight 1/len(pairs) so every prompt counts once."""
+    better, worse, target, weight = [], [], [], []
+    offset = 0
     for group in groups:
-        offset = len(responses)
-        queries.extend([group.query] * len(group.responses))
-        responses.extend(group.responses)
         for b, w, t in group.pairs:
             better.append(offset + b)
             worse.append(offset + w)
             target.append(t)
             weight.append(1.0 / len(group.pairs))
-    batch = QueryResponseBatch.from_ids(queries, responses, pad_id)
-    return batch, torch.tensor(better), torch.tensor(worse), torch.tensor(target), torch.tensor(weight)
+        offset += len(group.responses)
+    return torch.tensor(better), torch.tensor(worse), torch.tensor(target), torch.tensor(weight)
 
 
 def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -213,10 +211,39 @@ def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Ten
     return (weight * losses).sum()
 
 
-def group_scores(model: ScalarHeadModel, batch: QueryResponseBatch, precision: str) -> torch.Tensor:
-    device = batch.query_ids.device
-    with autocast(precision, device):
-        return model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, eos_index(batch.response_mask)).float()
+def shared_query_scores(
+    model: ScalarHeadModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+    query_of_row: torch.Tensor,
+) -> torch.Tensor:
+    """Scores [N] of responses [N, R] to queries [G, Q] (left-padded), response i answering query
+    `query_of_row[i]`. Each query runs through the trunk once; its keys and values are then shared by all
+    its responses, which on 2 summaries of a ~150-token post cuts the tokens processed by ~40%.
+    Equal to `model(...)` on the joined rows (same positions, same mask), gradients included."""
+    from transformers import DynamicCache
+
+    from fromfeedback.models import position_ids_from_mask
+
+    trunk = getattr(model.model, model.model.base_model_prefix)
+    cache = DynamicCache()
+    trunk(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids_from_mask(query_mask), past_key_values=cache, use_cache=True)
+    cache.reorder_cache(query_of_row)
+    attention_mask = torch.cat([query_mask[query_of_row], response_mask], dim=1).long()
+    positions = query_mask.sum(-1)[query_of_row, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    hidden = trunk(input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return model.model.score(hidden[rows, eos_index(response_mask)]).squeeze(-1).float() - model.bias
+
+
+def group_scores(model: ScalarHeadModel, groups: Sequence[PreferenceGroup], pad_id: int, precision: str) -> torch.Tensor:
+    """Scores [N] of every response of `groups`, in order, each prompt computed once."""
+    from fromfeedback.data import pad_left, pad_right
+
+    device = next(model.parameters()).device
+    query_ids, query_mask = pad_left([g.query for g in groups], pad_id)
+    response_ids, response_mask = pad_right([r for g in groups for r in g.responses], pad_id)
+    query_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])
+    with autocast(precision, device):  # type: ignore[arg-type]
+        return shared_query_scores(model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device), query_of_row.to(device))
 
 
 def training_groups(config: RMConfig, tokenizer, data_dir: str) -> list[PreferenceGroup]:
@@ -287,20 +314,21 @@ def run_rm_train(config: RMConfig) -> Path:
         f"bf16 autocast {'on' if use_bf16(config.precision, device) else 'off'}"  # type: ignore[arg-type]
     )
     state.setdefault("train_seconds", 0.0)
+    state.setdefault("train_cpu_seconds", 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
     bar = progress(total=len(plan), initial=start_step, desc="rm")
     for step in range(start_step, len(plan)):
-        step_started = time.perf_counter()
+        step_started, cpu_started = time.perf_counter(), time.process_time()
         lr = learning_rate(step, len(plan), config)  # type: ignore[arg-type]
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_groups = [groups[i] for i in plan[step]]
         loss_total, correct, pairs = 0.0, 0.0, 0
         for start in range(0, len(step_groups), config.micro_batch_size):
-            batch, better, worse, target, weight = flatten_groups(step_groups[start : start + config.micro_batch_size], pad_id)
-            batch, better, worse, target, weight = batch.to(device), better.to(device), worse.to(device), target.to(device), weight.to(device)
-            scores = group_scores(model, batch, config.precision)
+            micro_groups = step_groups[start : start + config.micro_batch_size]
+            better, worse, target, weight = (t.to(device) for t in pair_tensors(micro_groups))
+            scores = group_scores(model, micro_groups, pad_id, config.precision)
             loss = preference_loss(scores, better, worse, target, weight) / len(step_groups)
             loss.backward()
             loss_total += loss.item()
@@ -312,6 +340,7 @@ def run_rm_train(config: RMConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - step_started
         state["train_seconds"] += seconds
+        state["train_cpu_seconds"] += time.process_time() - cpu_started
         done = step + 1
         metrics = {"train_loss": loss_total, "train_accuracy": correct / max(1, pairs), "lr": lr, "seconds_per_step": seconds}
         if grad_norm is not None:
@@ -339,6 +368,9 @@ def run_rm_train(config: RMConfig) -> Path:
         "steps": len(plan),
         "train_seconds": state["train_seconds"],
         "seconds_per_step": state["train_seconds"] / max(1, len(plan)),
+        # CPU seconds of this process: on a shared machine, CPU seconds / threads estimates the uncontended time.
+        "train_cpu_seconds": state["train_cpu_seconds"],
+        "torch_threads": torch.get_num_threads(),
         "bias": bias,
         "bias_seconds": bias_seconds,
         "resumed_at_step": start_step,
@@ -450,13 +482,24 @@ def reliability_plot(report: dict[str, Any], path: str | Path, title: str) -> No
     plt.close(figure)
 
 
+@torch.no_grad()
 def score_comparisons(model: ScalarHeadModel, tokenizer, comparisons: Sequence[Comparison], query_max_tokens: int, response_max_tokens: int,
                       batch_size: int, precision: str, show_progress: bool = True) -> tuple[list[float], list[float]]:
-    """(scores of the chosen summaries, scores of the rejected ones)."""
-    posts = [c for c in comparisons for _ in range(2)]
-    texts = [t for c in comparisons for t in (c.chosen, c.rejected)]
-    scores = score_summaries(model, tokenizer, posts, texts, query_max_tokens, response_max_tokens, batch_size, precision, show_progress)  # type: ignore[arg-type]
-    return scores[0::2], scores[1::2]
+    """(scores of the chosen summaries, scores of the rejected ones), each post run through the trunk once."""
+    groups = [comparison_group(c, tokenizer, query_max_tokens, response_max_tokens, soft_labels=False) for c in comparisons]
+    chosen: list[float] = []
+    rejected: list[float] = []
+    per_forward = max(1, batch_size // 2)
+    bar = progress(total=len(groups), desc="score", enabled=show_progress)
+    for start in range(0, len(groups), per_forward):
+        chunk = groups[start : start + per_forward]
+        better, worse, _, _ = pair_tensors(chunk)
+        scores = group_scores(model, chunk, tokenizer.pad_token_id, precision).cpu()
+        chosen.extend(scores[better].tolist())
+        rejected.extend(scores[worse].tolist())
+        bar.update(len(chunk))
+    bar.close()
+    return chosen, rejected
 
 
 def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_size: int = 16, precision: str = "auto", plot: str | Path | None = None,
