@@ -48,6 +48,30 @@ def _register_stages() -> None:
 
     register_rm(app, stage_command)
 
+    from fromfeedback.best_of_n import BestOfNConfig, run_best_of_n
+    from fromfeedback.ppo import PPOConfig, run_ppo
+
+    stage_command(app, "ppo", PPOConfig, "ppo", run_ppo, "PPO against a reward model with a KL penalty to the SFT policy.")
+    stage_command(app, "best-of-n", BestOfNConfig, "best_of_n", run_best_of_n, "Best of N samples per post by reward-model score.")
+
+
+@app.command("run", context_settings=OVERRIDES)
+def run_command(
+    ctx: typer.Context,
+    preset: str = typer.Option("demo", "--preset", help="Preset name in configs/ or a .toml path."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: runs/<preset>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Carry on a run directory made by an earlier `fromfeedback run`."),
+) -> None:
+    """The whole loop in one run directory, each finished stage skipped; extra `--field value` options set fields of the preset's run table."""
+    from fromfeedback.pipeline import resume_pipeline, run_pipeline, split_run_overrides
+
+    if resume:
+        if ctx.args:
+            raise UserError("--resume takes no other options: the run keeps its preset and overrides")
+        resume_pipeline(resume)
+    else:
+        run_pipeline(preset, out or f"runs/{preset}", split_run_overrides(ctx.args))
+
 
 @data_app.command("validate")
 def data_validate(paths: list[str] = typer.Argument(..., help="posts.jsonl, comparison, samples, rankings or CNN/DM files.")) -> None:
