@@ -17,10 +17,11 @@ class UserError(Exception):
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yields a temporary path next to `path`; on success it is renamed onto `path` in one step.
 
-    Works for files and folders, so a killed process never leaves a half-written result behind.
+    Works for files and folders, so a killed process never leaves a half-written result behind. With
+    replace=False an existing `path` (another process finished first) is kept and the new one dropped.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +29,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
+        if not replace:
+            try:
+                os.rename(target, path)
+            except OSError:
+                if not path.exists():
+                    raise
+            return
         if path.is_dir() and target.is_dir():
             shutil.rmtree(path)
         os.replace(target, path)

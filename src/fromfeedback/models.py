@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def _convert_embedded(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = config.eos_token_id
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         _embedded_tokenizer().save_pretrained(tmp)
         (tmp / "fromfeedback-cache.json").write_text(json.dumps({"version": CACHE_VERSION, "source": GGUF_FILE}))
@@ -97,7 +98,7 @@ def _build_tiny_random(target: Path) -> None:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "fromfeedback-cache.json").write_text(json.dumps({"version": CACHE_VERSION, "source": "random"}))
@@ -108,12 +109,10 @@ def _cached(name: str, build) -> Path:
     marker = target / "fromfeedback-cache.json"
     if marker.exists() and json.loads(marker.read_text()).get("version") == CACHE_VERSION:
         return target
-    try:
-        build(target)
-    except OSError:
-        # Another process finished the same conversion first; its folder is as good as ours.
-        if not marker.exists():
-            raise
+    if target.exists():
+        shutil.rmtree(target)  # written by an older conversion
+    # Concurrent builders (test workers) each write a private folder; the first rename wins.
+    build(target)
     return target
 
 
