@@ -13,19 +13,17 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
 PASSWORD = "correct horse battery"
+os.environ.setdefault("FROMFEEDBACK_ARGON2_PROFILE", "CHEAPEST")  # still argon2id, just instant (servers inherit it)
 
 
 def free_port() -> int:
@@ -78,15 +76,15 @@ def db_url(request, tmp_path) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/{name}"
 
 
-def posts_with_two_summaries(limit: int) -> list[dict]:
-    """Real posts that have both a human reference and OpenAI's PPO summary."""
+def posts_with_two_summaries(limit: int, split: str | None = None) -> list[dict]:
+    """Real posts (of `split`, default any) that have both a human reference and OpenAI's PPO summary."""
     if not DATA_DIR.exists():
         pytest.skip(f"real data not found at {DATA_DIR}")
     posts = []
     with open(DATA_DIR / "tldr" / "posts.jsonl", encoding="utf-8") as f:
         for line in f:
             post = json.loads(line)
-            if post.get("reference") and post.get("samples", {}).get("openai_ppo_1.3b"):
+            if post.get("reference") and post.get("samples", {}).get("openai_ppo_1.3b") and split in (None, post["split"]):
                 posts.append(post)
                 if len(posts) == limit:
                     break
@@ -116,40 +114,8 @@ def session_csrf(client) -> str:
     return csrf_of(client.get("/", follow_redirects=False).text)
 
 
-class Server:
-    """`uvicorn fromfeedback.label.app:app_from_env` as a subprocess on a free port (restartable)."""
+def Server(db_url: str, log_dir: Path):
+    """The app as a uvicorn subprocess, with the real data folder for post text."""
+    from fromfeedback.label.simulate import LocalServer
 
-    def __init__(self, db_url: str, log_dir: Path):
-        self.db_url, self.port, self.log_dir = db_url, free_port(), log_dir
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 60.0) -> None:
-        env = {**os.environ, "FROMFEEDBACK_LABEL_DB": self.db_url, "FROMFEEDBACK_DATA_DIR": str(DATA_DIR)}
-        self.starts += 1
-        log = open(self.log_dir / f"server{self.starts}.log", "w")
-        command = [sys.executable, "-m", "uvicorn", "--factory", "fromfeedback.label.app:app_from_env", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {(self.log_dir / f'server{self.starts}.log').read_text()}")
-            try:
-                if httpx.get(self.url + "/login", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no shutdown handlers, no flushing
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    return LocalServer(db_url, str(log_dir), str(DATA_DIR))

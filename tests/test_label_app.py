@@ -207,10 +207,9 @@ def test_exports_load_as_comparisons_and_pairs(db_url, tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in admin.export_openai(db, project)))
     loaded = load_comparisons(path)
-    labels = {l.comparison_id: l for l in db.scalars(select(Label)).all()}
     assert len(loaded) == 3
     for comparison, row in zip(loaded, admin.export_openai(db, project)):
-        label = labels[row["extra"]["label_id"]] if False else db.get(Label, row["extra"]["label_id"])
+        label = db.get(Label, row["extra"]["label_id"])
         assert comparison.choice == label.choice and comparison.confidence == label.confidence and comparison.worker == "u1"
         assert comparison.post == POST["post"] and comparison.summaries[0].policy == "ppo"
         assert row["extra"]["note"] == "why"

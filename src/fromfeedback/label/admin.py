@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import argon2.profiles
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 from sqlalchemy import func, select
@@ -18,17 +21,21 @@ from fromfeedback.data import Comparison, Sample, Summary, comparison_to_json, f
 from fromfeedback.files import UserError
 from fromfeedback.label.db import Assignment, ComparisonRow, Label, PostRow, Project, User
 
-PASSWORDS = PasswordHasher()
+# Argon2id with RFC 9106's low-memory parameters; $FROMFEEDBACK_ARGON2_PROFILE=CHEAPEST (any name in
+# argon2.profiles) makes hashing instant for tests. Hashes record their parameters, so either verifies.
+@functools.cache
+def password_hasher() -> PasswordHasher:
+    return PasswordHasher.from_parameters(getattr(argon2.profiles, os.environ.get("FROMFEEDBACK_ARGON2_PROFILE", "RFC_9106_LOW_MEMORY")))
 MIN_PASSWORD_LENGTH = 8
 
 
 def hash_password(password: str) -> str:
-    return PASSWORDS.hash(password)
+    return password_hasher().hash(password)
 
 
 def verify_password(password_hash: str, password: str) -> bool:
     try:
-        return PASSWORDS.verify(password_hash, password)
+        return password_hasher().verify(password_hash, password)
     except (VerifyMismatchError, InvalidHashError):
         return False
 

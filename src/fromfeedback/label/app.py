@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
 from fromfeedback.files import UserError
@@ -53,6 +53,26 @@ class Login:
     session: LoginSession
 
 
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response (a plain ASGI middleware: cheaper than BaseHTTPMiddleware)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [(k, v) for k, v in self.headers if k not in present]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -67,11 +87,10 @@ def get_db(request: Request) -> Iterator[Session]:
 
 def current_login(request: Request, db: Session = Depends(get_db)) -> Login:
     token = request.cookies.get(SESSION_COOKIE)
-    row = db.get(LoginSession, token_digest(token)) if token else None
-    user = db.get(User, row.user_id) if row else None
-    if user is None:
+    found = db.execute(select(LoginSession, User).join(User, LoginSession.user_id == User.id).where(LoginSession.token == token_digest(token))).first() if token else None
+    if found is None:
         raise LoginRequired()
-    return Login(user, row)
+    return Login(found[1], found[0])
 
 
 def posted_login(csrf_token: str = Form(""), login: Login = Depends(current_login)) -> Login:
@@ -109,12 +128,7 @@ def create_app(db_url: str, data_dir: str | None = None, secure_cookies: bool = 
     def set_cookie(response: Response, name: str, value: str) -> None:
         response.set_cookie(name, value, httponly=True, samesite="strict", secure=secure_cookies, path="/")
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _exc: LoginRequired):
@@ -186,9 +200,8 @@ def create_app(db_url: str, data_dir: str | None = None, secure_cookies: bool = 
         return render(request, "home.html", login, projects=projects)
 
     def show_task(request: Request, login: Login, db: Session, task: tasks.Task, project: Project, error: str | None = None, status: int = 200) -> Response:
-        done = db.scalar(select(Label.id).where(Label.labeler_id == login.user.id, Label.project_id == project.id).order_by(Label.id.desc()).limit(1))
         db.commit()
-        return render(request, "task.html", login, status=status, task=task, project=project, error=error, axes=tasks.RATING_AXES, has_labels=done is not None)
+        return render(request, "task.html", login, status=status, task=task, project=project, error=error, axes=tasks.RATING_AXES)
 
     def own_assignment(db: Session, login: Login, assignment_id: int) -> Assignment:
         assignment = db.get(Assignment, assignment_id)

@@ -22,7 +22,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fromfeedback.files import UserError
 
@@ -136,6 +136,13 @@ class Label(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+def relaxed_commit(db: Session) -> None:
+    """Ends the session's transaction; the next one commits without waiting for the disk (SQLite). For rows
+    that are cheap to lose in a power cut (a served task is served again) but not worth an fsync each."""
+    db.commit()
+    db.connection(execution_options={"sqlite_synchronous": "NORMAL"})
+
+
 def database_url(url: str) -> str:
     """A plain path means an SQLite file; `postgresql://` gets the psycopg 3 driver."""
     if "://" not in url:
@@ -152,7 +159,9 @@ def make_engine(url: str) -> Engine:
     except Exception as e:
         raise UserError(f"--db {url!r}: not a database URL or path ({e})") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=20, max_overflow=40)
+        # One connection per process: SQLite has one writer at a time anyway, and threads queueing on the
+        # pool wake up at once, where SQLite's own busy handler polls with growing sleeps (long tail latency).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=1, max_overflow=0, pool_timeout=120)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -161,13 +170,18 @@ def make_engine(url: str) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the response goes out
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection) -> None:
+            # synchronous=FULL: a commit is on disk (fsync) before the response goes out. `relaxed_commit`
+            # lowers it to NORMAL (still safe from a killed process, not from a power cut) for one transaction.
+            wanted = connection.get_execution_options().get("sqlite_synchronous", "FULL")
+            if connection.info.get("synchronous") != wanted:
+                connection.exec_driver_sql(f"PRAGMA synchronous={wanted}")  # only allowed outside a transaction
+                connection.info["synchronous"] = wanted
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine

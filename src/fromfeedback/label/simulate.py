@@ -185,23 +185,101 @@ def ensure_accounts(base_url: str, admin_user: str, admin_password: str, usernam
     admin.client.close()
 
 
-def run_simulation(
+def start_simulation(
     base_url: str, project: str, usernames: list[str], password: str, labels_per_labeler: int, judge: Judge, noise: float = 0.0, seed: int = 0,
     retry_seconds: float = 120.0,
-) -> list[LabelerResult]:
-    """All labelers at once, one thread each; returns their results (acknowledged assignments, latencies)."""
+) -> tuple[list[SimulatedLabeler], list[threading.Thread]]:
+    """Starts all labelers at once, one thread each; their `.result` fills in as they go."""
     labelers = [SimulatedLabeler(base_url, name, password, judge, noise, seed * 1000 + i, retry_seconds) for i, name in enumerate(usernames)]
-    results: list[LabelerResult | None] = [None] * len(labelers)
-
-    def work(index: int) -> None:
-        results[index] = labelers[index].run(project, labels_per_labeler)
-
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(labelers))]
+    threads = [threading.Thread(target=labeler.run, args=(project, labels_per_labeler), daemon=True) for labeler in labelers]
     for thread in threads:
         thread.start()
+    return labelers, threads
+
+
+def run_simulation(*args, **kwargs) -> list[LabelerResult]:
+    """`start_simulation` and wait for every labeler; returns their results (acknowledged tasks, latencies)."""
+    labelers, threads = start_simulation(*args, **kwargs)
     for thread in threads:
         thread.join()
-    return results
+    return [labeler.result for labeler in labelers]
+
+
+def prepare_load_project(db_url: str, project: str, usernames: list[str], password: str, comparisons: int, overlap: int, seed: int = 0) -> None:
+    """A project of synthetic posts (about 1,500 characters each) with two summaries, and the labelers'
+    accounts, written straight to the database: the setup of load tests and benchmarks."""
+    from fromfeedback.data import Sample
+    from fromfeedback.label import admin
+    from fromfeedback.label.db import open_database
+
+    rng = random.Random(seed)
+    words = "the a my we he she was said after before never always money work friend dog car house because but".split()
+    posts = {
+        f"load{i}": SimpleNamespace(subreddit="loadtest", title=f"Post {i}", post=" ".join(rng.choice(words) for _ in range(300)))
+        for i in range(comparisons)
+    }
+    samples = [Sample(key, policy, " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))) for key in posts for policy in ("x", "y")]
+    sessions = open_database(db_url)
+    with sessions() as db:
+        for name in usernames:
+            admin.create_user(db, name, password)
+        admin.import_samples(db, admin.create_project(db, project, overlap=overlap), samples, posts)
+    sessions.kw["bind"].dispose()
+
+
+class LocalServer:
+    """`uvicorn --factory fromfeedback.label.app:app_from_env` as a subprocess on a free local port;
+    `kill()` sends SIGKILL (no shutdown of any kind), `start()` again restarts it on the same port."""
+
+    def __init__(self, db_url: str, log_dir: str, data_dir: str | None = None):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.db_url, self.log_dir, self.data_dir = db_url, log_dir, data_dir
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> None:
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "FROMFEEDBACK_LABEL_DB": self.db_url}
+        if self.data_dir:
+            env["FROMFEEDBACK_DATA_DIR"] = self.data_dir
+        self.starts += 1
+        log_path = f"{self.log_dir}/server{self.starts}.log"
+        command = [sys.executable, "-m", "uvicorn", "--factory", "fromfeedback.label.app:app_from_env", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "warning"]
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{open(log_path).read()}")
+            try:
+                if httpx.get(self.url + "/login", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the server did not answer within {timeout} s")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 def percentile(values: list[float], q: float) -> float:

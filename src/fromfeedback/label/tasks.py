@@ -6,11 +6,11 @@ import json
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fromfeedback.label.db import Assignment, ComparisonRow, Label, PostRow, Project, User, utcnow
+from fromfeedback.label.db import Assignment, ComparisonRow, Label, PostRow, Project, User, relaxed_commit, utcnow
 
 RATING_AXES = ("accuracy", "coverage", "coherence", "overall")
 SIDES = ("a", "b")
@@ -100,6 +100,11 @@ def next_assignment(db: Session, user: User, project: Project, rng: random.Rando
     """The labeler's unfinished task, or a new one; None when nothing is left for them. Commits."""
     rng = rng or random.SystemRandom()
     for _ in range(attempts):
+        relaxed_commit(db)  # a new assignment lost in a power cut is just served again: no fsync for it
+        if db.get_bind().dialect.name == "postgresql":
+            # Labelers of one project take turns choosing (until commit): otherwise they all race for the
+            # same best comparison. SQLite needs nothing: its transactions already take the write lock.
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": project.id})
         existing = _open_assignment(db, user, project)
         if existing is not None:
             db.commit()
