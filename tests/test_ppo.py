@@ -137,6 +137,27 @@ def test_config_errors_are_user_errors(tmp_path):
         run_ppo(PPOConfig(out=str(tmp_path / "ppo")))
 
 
+def test_shared_lower_layers_give_the_same_logits_and_values(tiny_model_dir):
+    """Running the frozen lower layers once and the rest from their output changes no number."""
+    from fromfeedback.data import QueryResponseBatch
+    from fromfeedback.models import load_policy
+
+    torch.manual_seed(0)
+    policy, reference = load_policy(tiny_model_dir), load_policy(tiny_model_dir)
+    critic = ppo.ValueHead(policy.config.hidden_size)
+    batch = QueryResponseBatch.from_ids([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]], pad_id=0)
+    shared = PPOConfig(freeze_layers=1, freeze_embeddings=True, micro_batch_size=2, precision="fp32")
+    full = ppo.forward_rollouts(policy, critic, reference, batch, PPOConfig(micro_batch_size=2, precision="fp32"))
+    cached = ppo.forward_rollouts(policy, critic, reference, batch, shared)
+    assert full["lower_hidden"] is None and cached["lower_hidden"].shape == (2, 7, policy.config.hidden_size)
+    for key in ("logprobs", "ref_logprobs", "values", "entropy"):
+        assert torch.allclose(full[key], cached[key], atol=1e-5), key
+    logits, values = ppo.policy_and_values(policy, critic, batch, 0.7, cached["lower_hidden"], start=1)
+    expected_logits, expected_values = ppo.policy_and_values(policy, critic, batch, 0.7)
+    assert torch.allclose(logits, expected_logits, atol=1e-5) and torch.allclose(values, expected_values, atol=1e-5)
+    assert len(ppo.transformer_layers(policy)) == policy.config.num_hidden_layers == 2  # restored after the call
+
+
 @pytest.fixture(scope="module")
 def eos_prone_model(tmp_path_factory):
     """The tiny random model with one embedding dimension made constant and the EOS row large along it,
@@ -190,7 +211,8 @@ class Interrupted(Exception):
 
 def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path, monkeypatch, one_thread):
     """A run stopped during iteration 3 (after the checkpoint at 2) and resumed matches an uninterrupted run.
-    It also exercises the reward-model path, the value model initialized from the RM, and PPO-ptx."""
+    It also exercises the reward-model path, the value model initialized from the RM, PPO-ptx and the shared
+    frozen lower layers."""
     from fromfeedback.cli import main
 
     args = [
@@ -198,7 +220,7 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path, monkeypatch,
         "--iterations", "4", "--rollout-batch-size", "8", "--minibatch-size", "4", "--micro-batch-size", "4",
         "--generation-batch-size", "8", "--response-max-tokens", "6", "--query-max-tokens", "128", "--ppo-epochs", "2",
         "--lr", "1e-3", "--ptx-coef", "0.1", "--ptx-batch-size", "2", "--adaptive-kl", "true", "--kl-horizon", "100",
-        "--checkpoint-every", "2", "--precision", "fp32", "--penalize-no-eos", "false",
+        "--checkpoint-every", "2", "--precision", "fp32", "--penalize-no-eos", "false", "--freeze-embeddings", "true", "--freeze-layers", "1",
     ]
     main(["ppo", *args, "--out", str(tmp_path / "straight")])
 

@@ -53,6 +53,8 @@ class BestOfNConfig:
     """Sequences generated or scored together."""
     seed: int = 0
     """Seed for sampling."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default); 1 is often fastest on a CPU shared with other jobs."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware supports it), bf16 or fp32."""
 
@@ -82,6 +84,8 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
     if not config.policy:
         raise UserError("give the policy with --policy DIR")
     seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     device = default_device()
     policy_dir = resolve_model(config.policy)
     tokenizer = load_tokenizer(policy_dir)

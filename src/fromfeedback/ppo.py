@@ -10,6 +10,7 @@ clipped policy and value losses (plus an optional pretraining next-token loss, P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from fromfeedback.models import (
     load_tokenizer,
     resolve_model,
     response_logits,
+    transformer_layers,
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
 from fromfeedback.reward import score_batch
@@ -123,6 +125,8 @@ class PPOConfig:
     """Sample summaries written to OUT/samples/iter-NNNNNN.jsonl each iteration."""
     seed: int = 0
     """Seed of the prompt order, sampling and minibatch order."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default); 1 is often fastest on a CPU shared with other jobs."""
 
     def validate(self) -> None:
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.micro_batch_size:
@@ -239,29 +243,68 @@ class ValueHead(nn.Module):
         return self.linear(hidden).squeeze(-1).float()
 
 
-def policy_and_values(policy, critic: ValueHead | ScalarHeadModel, batch: QueryResponseBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_lower_layers(config: PPOConfig) -> int:
+    """Layers at the bottom of the policy that never train: with the embeddings frozen too, they compute the
+    same hidden states in the policy and the reference at every update, so they run once per rollout."""
+    return config.freeze_layers if config.freeze_embeddings else 0
+
+
+@contextlib.contextmanager
+def upper_layers_only(model, start: int):
+    """Runs `model` from its layer `start` on: give it the hidden states entering that layer as `inputs_embeds`."""
+    trunk = getattr(model, model.base_model_prefix)
+    if start == 0:
+        yield
+        return
+    layers, count = trunk.layers, trunk.config.num_hidden_layers
+    trunk.layers, trunk.config.num_hidden_layers = nn.ModuleList(list(layers)[start:]), count - start
+    try:
+        yield
+    finally:
+        trunk.layers, trunk.config.num_hidden_layers = layers, count
+
+
+def policy_and_values(
+    policy, critic: ValueHead | ScalarHeadModel, batch: QueryResponseBatch, temperature: float, lower: torch.Tensor | None = None, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled logits [B, R, V] predicting each response token, and the value [B, R] of the state
-    before each response token (read at the same position as the logits)."""
+    before each response token (read at the same position as the logits). With `lower` (the hidden states
+    entering layer `start`, [B, Q+R, H]) the policy runs only its layers from `start` on."""
     input_ids, attention_mask, position_ids = join_query_response(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     query_width = batch.query_ids.shape[1]
+    inputs = {"input_ids": input_ids} if lower is None else {"inputs_embeds": lower}
+    trunk = getattr(policy, policy.base_model_prefix)
+    with upper_layers_only(policy, start if lower is not None else 0):
+        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, query_width - 1 : -1]
+    logits = policy.get_output_embeddings()(hidden) / temperature
     if isinstance(critic, ValueHead):
-        trunk = getattr(policy, policy.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, query_width - 1 : -1]
-        return policy.get_output_embeddings()(hidden) / temperature, critic(hidden)
-    logits = response_logits(policy, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    hidden = critic.hidden_states(input_ids, attention_mask, position_ids)[:, query_width - 1 : -1]
-    return logits / temperature, critic.model.score(hidden).squeeze(-1).float()
+        return logits, critic(hidden)
+    critic_hidden = critic.hidden_states(input_ids, attention_mask, position_ids)[:, query_width - 1 : -1]
+    return logits, critic.model.score(critic_hidden).squeeze(-1).float()
 
 
-def trim(batch: QueryResponseBatch) -> tuple[QueryResponseBatch, int]:
-    """The batch without all-padding query columns (left) and response columns (right); and the response width kept."""
+def reference_logits(reference, batch: QueryResponseBatch, lower: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """Logits [B, R, V] of the reference policy, from its layer `start` on when `lower` is given."""
+    if lower is None:
+        return response_logits(reference, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    _, attention_mask, position_ids = join_query_response(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    with upper_layers_only(reference, start):
+        output = reference(
+            inputs_embeds=lower, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=batch.response_ids.shape[1] + 1, use_cache=False
+        )
+    return output.logits[:, :-1]
+
+
+def trim(batch: QueryResponseBatch) -> tuple[QueryResponseBatch, int, int]:
+    """The batch without all-padding query columns (left) and response columns (right); with the first query
+    column and the response width kept."""
     query_start = int(batch.query_mask.any(0).long().argmax())
     width = max(1, int(batch.response_mask.sum(-1).max()))
     trimmed = QueryResponseBatch(
         batch.query_ids[:, query_start:], batch.query_mask[:, query_start:], batch.response_ids[:, :width], batch.response_mask[:, :width]
     )
-    return trimmed, width
+    return trimmed, query_start, width
 
 
 # --- rollouts --------------------------------------------------------------------------------------
@@ -280,26 +323,43 @@ class Rollouts:
     values: torch.Tensor
     entropy: torch.Tensor
     """[B, R] entropy of the sampling distribution at each response token."""
+    lower_hidden: torch.Tensor | None
+    """[B, Q+R, H] hidden states entering the first trained layer (when the layers below are shared), else None."""
 
 
 @torch.no_grad()
 def forward_rollouts(policy, critic, reference, batch: QueryResponseBatch, config: PPOConfig):
-    """Log-probs of the policy and the reference, values and entropies [B, R], by micro-batches."""
+    """Log-probs of the policy and the reference, values and entropies [B, R], by micro-batches; and the
+    hidden states entering the first trained layer [B, Q+R, H] when the lower layers are shared (else None)."""
     device = batch.query_ids.device
-    outputs: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    start = shared_lower_layers(config)
+    outputs: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": [], "lower_hidden": []}
     full_width = batch.response_ids.shape[1]
-    for start in range(0, batch.query_ids.shape[0], config.micro_batch_size):
-        micro, width = trim(batch.select(range(start, min(start + config.micro_batch_size, batch.query_ids.shape[0]))))
-        with autocast(config.precision, device):
-            logits, values = policy_and_values(policy, critic, micro, config.temperature)
-            ref_logits = response_logits(reference, micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
-        pad = (0, full_width - width)
-        mask = micro.response_mask.float()
-        outputs["logprobs"].append(nn.functional.pad(logprobs_from_logits(logits, micro.response_ids) * mask, pad))
-        outputs["ref_logprobs"].append(nn.functional.pad(logprobs_from_logits(ref_logits / config.temperature, micro.response_ids) * mask, pad))
-        outputs["values"].append(nn.functional.pad(values * mask, pad))
-        outputs["entropy"].append(nn.functional.pad(entropy_from_logits(logits) * mask, pad))
-    return {name: torch.cat(parts) for name, parts in outputs.items()}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    hook = transformer_layers(policy)[start].register_forward_pre_hook(capture, with_kwargs=True) if start else None
+    try:
+        for first in range(0, batch.query_ids.shape[0], config.micro_batch_size):
+            micro, query_start, width = trim(batch.select(range(first, min(first + config.micro_batch_size, batch.query_ids.shape[0]))))
+            with autocast(config.precision, device):
+                logits, values = policy_and_values(policy, critic, micro, config.temperature)
+                lower = captured.pop("hidden") if start else None
+                ref_logits = reference_logits(reference, micro, lower, start)
+            pad = (0, full_width - width)
+            mask = micro.response_mask.float()
+            outputs["logprobs"].append(nn.functional.pad(logprobs_from_logits(logits, micro.response_ids) * mask, pad))
+            outputs["ref_logprobs"].append(nn.functional.pad(logprobs_from_logits(ref_logits / config.temperature, micro.response_ids) * mask, pad))
+            outputs["values"].append(nn.functional.pad(values * mask, pad))
+            outputs["entropy"].append(nn.functional.pad(entropy_from_logits(logits) * mask, pad))
+            if lower is not None:
+                outputs["lower_hidden"].append(nn.functional.pad(lower, (0, 0, query_start, full_width - width)))
+    finally:
+        if hook is not None:
+            hook.remove()
+    return {name: torch.cat(parts) if parts else None for name, parts in outputs.items()}
 
 
 def prompt_indices(iteration: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -367,10 +427,13 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
             tokens = float(rollouts.batch.response_mask[minibatch].sum())
             for micro_start in range(0, len(minibatch), config.micro_batch_size):
                 rows = minibatch[micro_start : micro_start + config.micro_batch_size].to(device)
-                micro, width = trim(rollouts.batch.select(rows))
+                micro, query_start, width = trim(rollouts.batch.select(rows))
                 mask = micro.response_mask
+                lower = None
+                if rollouts.lower_hidden is not None:
+                    lower = rollouts.lower_hidden[rows, query_start : rollouts.batch.query_ids.shape[1] + width]
                 with autocast(config.precision, device):
-                    logits, values = policy_and_values(policy, critic, micro, config.temperature)
+                    logits, values = policy_and_values(policy, critic, micro, config.temperature, lower, shared_lower_layers(config))
                 logprobs = logprobs_from_logits(logits, micro.response_ids)
                 pg_loss, clip_fraction, approx_kl = policy_loss(
                     logprobs, rollouts.logprobs[rows, :width], advantages[rows, :width], mask, config.clip_range, tokens
@@ -446,6 +509,8 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     if not config.sft:
         raise UserError("give the SFT policy with --sft DIR (a folder written by `fromfeedback sft`, or a model name)")
     seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     device = default_device()
     sft_dir = resolve_model(config.sft)
     tokenizer = load_tokenizer(sft_dir)
