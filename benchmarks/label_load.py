@@ -57,6 +57,8 @@ def main() -> None:
     print(f"request latency: p50 {percentile(latencies, 50) * 1000:.1f} ms, p95 {percentile(latencies, 95) * 1000:.1f} ms, "
           f"p99 {percentile(latencies, 99) * 1000:.1f} ms, mean {statistics.mean(latencies) * 1000:.1f} ms over {len(latencies)} requests")
     print(f"server CPU: {server_cpu:.1f} s ({server_cpu / max(labels, 1) * 1000:.1f} ms per label, startup included)")
+    submits = [x for l in labelers for x in l.result.submit_latencies]
+    print(f"label submission alone: p50 {percentile(submits, 50) * 1000:.1f} ms, p95 {percentile(submits, 95) * 1000:.1f} ms")
     if errors:
         print("errors:", *errors, sep="\n  ")
 

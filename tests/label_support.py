@@ -58,6 +58,12 @@ def postgres_server():
     try:
         yield SimpleNamespace(port=port)
     finally:
+        import gc
+
+        from sqlalchemy.engine import Engine
+
+        for engine in [obj for obj in gc.get_objects() if isinstance(obj, Engine)]:  # close idle connections first
+            engine.dispose()
         subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -139,7 +139,8 @@ def test_admin_and_two_labelers_in_chromium(browser, db_url, tmp_path):
     alice_labels = [c for c in comparisons if c.worker == "alice"]
     assert all(c.chosen.strip() in references for c in alice_labels)  # she always chose the reference
     assert sum(json.loads(line)["extra"]["note"].startswith("mouse") for line in open(exported)) == 5
-    train_one_step(exported, tmp_path / "rm")
+    if db_url.startswith("sqlite"):  # the file is the same whatever the database: train on it once
+        train_one_step(exported, tmp_path / "rm")
 
 
 def train_one_step(comparisons_file, out):

@@ -55,3 +55,37 @@ def test_2000_labels_survive_sigkill_mid_load(db_url, tmp_path):
     acknowledged = [a for l in labelers for a in l.result.acknowledged]
     assert len(acknowledged) == len(set(acknowledged)) == LABELERS * LABELS_EACH
     assert set(acknowledged) == {assignment for assignment, _ in stored}
+
+
+def test_simulate_command_labels_with_a_reward_model_judge(tmp_path, tiny_model_dir, capsys):
+    """`fromfeedback label simulate`: accounts made over HTTP by an admin, a reward-model judge, labels stored."""
+    from fromfeedback.cli import main
+    from fromfeedback.label import admin
+
+    db = f"sqlite:///{tmp_path / 'sim.db'}"
+    prepare_load_project(db, "sim", [], PASSWORD, comparisons=8, overlap=2)
+    sessions = open_database(db)
+    with sessions() as session:
+        admin.create_user(session, "boss", PASSWORD, is_admin=True)
+    sessions.kw["bind"].dispose()
+    server = Server(db, tmp_path)
+    server.start()
+    try:
+        main(["label", "simulate", "--url", server.url, "--project", "sim", "--judge", str(tiny_model_dir), "--labelers", "2",
+              "--labels", "3", "--noise", "0.2", "--admin", "boss", "--admin-password", PASSWORD])
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert "sim-1: 3 labels" in out and "sim-2: 3 labels" in out and "p95" in out
+    assert Counter(name for _, name in stored_labels(db)) == {"sim-1": 3, "sim-2": 3}
+
+
+def test_reward_model_judge_margin_is_antisymmetric(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from fromfeedback.label.simulate import reward_model_judge
+
+    judge = reward_model_judge(str(tiny_model_dir))
+    post = SimpleNamespace(subreddit="relationships", title="A question", post="My friend never calls back.")
+    forward, backward = judge(post, "a short summary", "a much longer and rather different summary"), judge(post, "a much longer and rather different summary", "a short summary")
+    assert forward != 0.0 and forward == -backward

@@ -211,6 +211,11 @@ def migrate(engine: Engine) -> None:
 
 def open_database(url: str) -> sessionmaker:
     """Engine + migrations + a session factory; `expire_on_commit=False` keeps rows readable after commit."""
+    from sqlalchemy.exc import OperationalError
+
     engine = make_engine(url)
-    migrate(engine)
+    try:
+        migrate(engine)
+    except OperationalError as e:
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {e.orig}") from None
     return sessionmaker(engine, expire_on_commit=False)

@@ -88,6 +88,8 @@ class LabelerResult:
     """Assignment ids whose submission the server acknowledged (303)."""
     latencies: list[float] = field(default_factory=list)
     """Seconds per request (task page fetches and submissions)."""
+    submit_latencies: list[float] = field(default_factory=list)
+    """Seconds per label submission alone (the POST that stores a label)."""
     retries: int = 0
     error: str | None = None
 
@@ -148,7 +150,9 @@ class SimulatedLabeler:
         )
         margin = self.judge(post, _element_text(page.text, "summary-a"), _element_text(page.text, "summary-b"))
         form = {"csrf_token": CSRF.search(page.text).group(1), "confidence": str(choose(margin, self.noise, self.rng)), "note": ""}
+        started = time.perf_counter()
         response = self.request("POST", action.group(1), data=form)
+        self.result.submit_latencies.append(time.perf_counter() - started)
         if response.status_code != 303:
             raise RuntimeError(f"{self.username}: submitting {action.group(1)} got HTTP {response.status_code}")
         self.result.acknowledged.append(int(action.group(1).rsplit("/", 1)[1]))
