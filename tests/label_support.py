@@ -59,10 +59,14 @@ def postgres_server():
         yield SimpleNamespace(port=port)
     finally:
         import gc
+        import warnings
 
         from sqlalchemy.engine import Engine
 
-        for engine in [obj for obj in gc.get_objects() if isinstance(obj, Engine)]:  # close idle connections first
+        with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated lazy attributes
+            warnings.simplefilter("ignore")
+            engines = [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+        for engine in engines:  # close idle connections before the server goes
             engine.dispose()
         subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -32,7 +32,7 @@ def test_2000_labels_survive_sigkill_mid_load(db_url, tmp_path):
     server.start()
     try:
         labelers, threads = start_simulation(server.url, "load", names, PASSWORD, LABELS_EACH, length_judge, noise=0.1)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while sum(len(l.result.acknowledged) for l in labelers) < KILL_AFTER and time.monotonic() < deadline:
             time.sleep(0.05)
         server.kill()  # SIGKILL in the middle of the load
@@ -71,7 +71,7 @@ def test_simulate_command_labels_with_a_reward_model_judge(tmp_path, tiny_model_
     server = Server(db, tmp_path)
     server.start()
     try:
-        main(["label", "simulate", "--url", server.url, "--project", "sim", "--judge", str(tiny_model_dir), "--labelers", "2",
+        main(["label", "simulate", "--url", server.url, "--judge", str(tiny_model_dir), "--labelers", "2",
               "--labels", "3", "--noise", "0.2", "--admin", "boss", "--admin-password", PASSWORD])
     finally:
         server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from fastapi.routing import APIRoute
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from fromfeedback.label import admin
-from fromfeedback.label.app import create_app
+from fromfeedback.label.app import SESSION_LIFETIME, create_app
 from fromfeedback.label.db import Label, LoginSession, PostRow, User
 from label_support import DATA_DIR, PASSWORD, db_url, login, postgres_server, session_csrf  # noqa: F401
 
@@ -139,6 +140,12 @@ def test_passwords_are_stored_hashed(setup):
         assert db.get(LoginSession, token) is None  # only the token's hash is stored
         assert db.scalar(select(LoginSession).where(LoginSession.token != token)) is not None
     assert "HttpOnly" in ok.headers["set-cookie"] and "SameSite=strict" in ok.headers["set-cookie"]
+    assert client.get("/api/labels").status_code == 200
+    with app.state.sessions() as db:  # a session older than its lifetime no longer logs anyone in
+        for row in db.scalars(select(LoginSession)).all():
+            row.created_at = row.created_at - SESSION_LIFETIME - timedelta(minutes=1)
+        db.commit()
+    assert client.get("/api/labels").status_code == 401
 
 
 def test_script_and_html_in_post_text_render_inert(setup, tmp_path):

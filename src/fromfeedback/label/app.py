@@ -15,6 +15,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import jinja2
@@ -28,11 +29,12 @@ from starlette.exceptions import HTTPException
 
 from fromfeedback.files import UserError
 from fromfeedback.label import admin, stats, tasks
-from fromfeedback.label.db import Assignment, Label, LoginSession, Project, User, open_database
+from fromfeedback.label.db import Assignment, Label, LoginSession, Project, User, open_database, utcnow
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "ff_session"
 LOGIN_CSRF_COOKIE = "ff_login_csrf"
+SESSION_LIFETIME = timedelta(days=14)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -89,6 +91,9 @@ def current_login(request: Request, db: Session = Depends(get_db)) -> Login:
     token = request.cookies.get(SESSION_COOKIE)
     found = db.execute(select(LoginSession, User).join(User, LoginSession.user_id == User.id).where(LoginSession.token == token_digest(token))).first() if token else None
     if found is None:
+        raise LoginRequired()
+    created = found[0].created_at if found[0].created_at.tzinfo else found[0].created_at.replace(tzinfo=timezone.utc)
+    if utcnow() - created > SESSION_LIFETIME:
         raise LoginRequired()
     return Login(found[1], found[0])
 

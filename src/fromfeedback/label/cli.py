@@ -148,7 +148,7 @@ def export(
 @label_app.command("simulate")
 def simulate(
     url: str = typer.Option(..., "--url", help="The labeling server, e.g. http://127.0.0.1:8000."),
-    project: str = typer.Option(..., "--project", help="Project name (as listed on the home page)."),
+    project: str = typer.Option("", "--project", help="Project name or id (default: the first project)."),
     judge: str = typer.Option(..., "--judge", help="Reward model folder, or `length` / `random`."),
     labelers: int = typer.Option(4, "--labelers", help="Number of simulated labelers, working at once."),
     noise: float = typer.Option(0.0, "--noise", help="Probability of flipping the judge's choice."),

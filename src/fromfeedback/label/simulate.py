@@ -127,9 +127,10 @@ class SimulatedLabeler:
             raise UserError(f"simulated labeler {self.username!r} could not log in (HTTP {response.status_code})")
 
     def project_id(self, name: str) -> int:
+        """The id of project `name` (or id) as listed on the home page; '' = the first project."""
         page = self.request("GET", "/")
         for project_id, project_name in PROJECT_LINK.findall(page.text):
-            if html.unescape(project_name) == name or project_id == name:
+            if not name or html.unescape(project_name) == name or project_id == name:
                 return int(project_id)
         raise UserError(f"no project {name!r} on {self.base_url}")
 
