@@ -25,7 +25,7 @@ EVIL = '<script>alert("post")</script><img src=x onerror="alert(1)">'
 def browser():
     if not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"):
         pytest.skip("Debian's chromium is not installed (run scripts/system-deps.sh)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')").sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -248,9 +248,6 @@ def create_app(db_url: str, data_dir: str | None = None, secure_cookies: bool = 
     ) -> Response:
         assignment = own_assignment(db, login, assignment_id)
         next_page = RedirectResponse(f"/projects/{assignment.project_id}/task", status_code=303)
-        if tasks.label_of(db, assignment.id) is not None:  # a retried submission: acknowledge it again
-            db.commit()
-            return next_page
         form = {
             "confidence": confidence, "note": note,
             "a_accuracy": a_accuracy, "a_coverage": a_coverage, "a_coherence": a_coherence, "a_overall": a_overall,
@@ -259,9 +256,12 @@ def create_app(db_url: str, data_dir: str | None = None, secure_cookies: bool = 
         try:
             parsed = tasks.parse_label_form(form)
         except tasks.LabelError as e:
+            if tasks.label_of(db, assignment.id) is not None:  # a retry of a stored label: acknowledge it again
+                db.commit()
+                return next_page
             project = db.get(Project, assignment.project_id)
             return show_task(request, login, db, tasks.task_view(db, assignment), project, error=str(e), status=400)
-        tasks.submit_label(db, assignment, *parsed)
+        tasks.submit_label(db, assignment, *parsed)  # a retry of a stored label returns it unchanged
         return next_page
 
     def label_json(label: Label) -> dict:
