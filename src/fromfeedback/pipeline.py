@@ -32,6 +32,13 @@ class RunConfig:
     """Held-out posts the policies are compared on."""
     eval_limit: int = 100
     """Evaluate on the first N posts of eval_split (0: all)."""
+    judge_seed: int = 1
+    """Seed of the held-out judge: a second reward model, trained like the proxy RM with another seed, that
+    the policies never optimize against."""
+    best_of_n: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])
+    """The N of each best-of-N baseline (samples of the SFT policy ranked by the proxy RM)."""
+    report_examples: int = 6
+    """Posts shown side by side in the report."""
 
 
 def fingerprint(config: Any) -> str:
@@ -64,9 +71,14 @@ def stage_config(cls: type, preset: dict[str, Any], section: str, overrides: dic
 
 
 def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None) -> Path:
-    """SFT → samples → evaluation tables, as the preset says; returns the run directory."""
-    from fromfeedback.evaluate.metrics import rouge_scores, text_statistics
-    from fromfeedback.data import load_samples, load_tldr
+    """SFT → reward model (+ held-out judge) → PPO → best-of-N → evaluation → report; returns the run directory."""
+    from fromfeedback.best_of_n import BestOfNConfig, run_best_of_n
+    from fromfeedback.evaluate.judges import make_judge
+    from fromfeedback.evaluate.overoptimization import run_overoptimization
+    from fromfeedback.evaluate.policy import PolicyEvalConfig, evaluate_policies, format_table
+    from fromfeedback.evaluate.report import write_report
+    from fromfeedback.ppo import PPOConfig, run_ppo
+    from fromfeedback.reward import RMConfig, run_rm_train
     from fromfeedback.sampling import SampleConfig, run_sample
     from fromfeedback.sft import SFTConfig, run_sft
 
@@ -77,43 +89,87 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None)
     preset = load_preset(preset_name)
     run = build_config(RunConfig, preset_name, "run", overrides)
     data_dir = run.data_dir or default_data_dir()
-    where = preset_name
     stages: dict[str, dict[str, Any]] = {}
 
-    sft = stage_config(SFTConfig, preset, "sft", {"model": run.base_model, "data_dir": data_dir, "out": str(run_dir / "sft")}, where)
-    stages["sft"] = run_stage(run_dir, "sft", sft, run_sft)
-    sft_model = run_dir / "sft" / "model"
+    def stage(name: str, cls: type, section: str, action: Callable[[Any], Any], **fields: Any) -> Any:
+        config = stage_config(cls, preset, section, {"data_dir": data_dir, **fields}, preset_name)
+        stages[name] = run_stage(run_dir, name, config, action)
+        return config
+
+    sft = stage("sft", SFTConfig, "sft", run_sft, model=run.base_model, out=str(run_dir / "sft"))
+    sft_model = str(run_dir / "sft" / "model")
+    stage("rm", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "rm"))
+    stage("judge", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "judge"), seed=run.judge_seed)
+    rm_model, judge_model = str(run_dir / "rm" / "model"), str(run_dir / "judge" / "model")
+    stage("ppo", PPOConfig, "ppo", run_ppo, sft=sft_model, rm=rm_model, out=str(run_dir / "ppo"))
+    ppo_model = str(run_dir / "ppo" / "model")
 
     samples_dir = run_dir / "samples"
-    policies = {"base": run.base_model, "sft": str(sft_model)}
-    for policy, model in policies.items():
-        sample = stage_config(
-            SampleConfig, preset, "sample",
-            {"model": model, "data_dir": data_dir, "split": run.eval_split, "limit": run.eval_limit, "temperature": 0.0,
-             "policy_name": policy, "out": str(samples_dir / f"{policy}.jsonl"), "query_max_tokens": sft.query_max_tokens},
-            where,
-        )
-        stages[f"samples-{policy}"] = run_stage(run_dir, f"samples-{policy}", sample, run_sample)
+    held_out = {"split": run.eval_split, "limit": run.eval_limit}
+    for policy, model in {"sft": sft_model, "ppo": ppo_model}.items():
+        stage(f"samples-{policy}", SampleConfig, "sample", run_sample, model=model, policy_name=policy, temperature=0.0,
+              out=str(samples_dir / f"{policy}.jsonl"), query_max_tokens=sft.query_max_tokens, **held_out)
+    for n in run.best_of_n:
+        stage(f"best-of-{n}", BestOfNConfig, "best_of_n", run_best_of_n, policy=sft_model, rm=rm_model, n=n,
+              out=str(samples_dir / f"best-of-{n}.jsonl"), **held_out)
 
-    posts = {p.id: p for p in load_tldr(data_dir, run.eval_split)}
-    table = {}
-    for policy in policies:
-        samples = load_samples(samples_dir / f"{policy}.jsonl")
-        references = [posts[s.post_id].reference or "" for s in samples]
-        texts = [s.text for s in samples]
-        table[policy] = {**text_statistics(texts, [s.extra.get("eos") for s in samples]), **rouge_scores(texts, references),
-                         "n": len(samples)}
-    sft_summary = json.loads((run_dir / "sft" / "summary.json").read_text())
+    eval_dir = run_dir / "eval"
+    largest_n = max(run.best_of_n, default=0)
+    policy_samples = [str(samples_dir / "sft.jsonl"), str(samples_dir / "ppo.jsonl"), "posts:openai_ppo_1.3b"]
+    if largest_n:
+        policy_samples.insert(2, str(samples_dir / f"best-of-{largest_n}.jsonl"))
+
+    def evaluate(config: PolicyEvalConfig) -> None:
+        result = evaluate_policies(config, make_judge(config.judge, config.flip_prob, config.batch_size, config.seed))
+        write_json(config.out, result)
+        print(format_table(result))
+
+    stage("eval-policies", PolicyEvalConfig, "eval", evaluate, samples=policy_samples, judge=f"rm:{judge_model}",
+          baseline="reference", sft=sft_model, policy_models=[f"ppo={ppo_model}"], out=str(eval_dir / "policy.json"), **held_out)
+
+    points = [f"best-of-n/N={n}={samples_dir / f'best-of-{n}.jsonl'}" for n in run.best_of_n]
+    points.append(f"ppo/final={ppo_model}")
+
+    def overoptimization(config: OveroptimizationConfig) -> Any:
+        return run_overoptimization(config.points, judge_model, rm_model, data_dir, run.eval_split, str(eval_dir),
+                                    sft=sft_model, limit=run.eval_limit)
+
+    stages["eval-overoptimization"] = run_stage(run_dir, "eval-overoptimization", OveroptimizationConfig(points=points), overoptimization)
+    write_summary(run_dir, preset_name, stages)
+    report = write_report(run_dir, data_dir=data_dir, examples=run.report_examples)
+    print(f"report: {report.resolve()}")
+    return run_dir
+
+
+@dataclass
+class OveroptimizationConfig:
+    points: list[str] = dataclasses.field(default_factory=list)
+    """`SERIES/NAME=SOURCE` points (samples files or policy folders) of the over-optimization plot."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_summary(run_dir: Path, preset_name: str, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`RUN_DIR/summary.json`: the report's main figures in machine-readable form."""
+    rm_eval = _read(run_dir / "rm" / "eval.json")
+    policy_eval = _read(run_dir / "eval" / "policy.json")
+    # A stage resumed from its own checkpoints spent time in earlier runs too: prefer its own accounting.
+    seconds = {name: round(_read(run_dir / name / "summary.json").get("train_seconds", done["seconds"]) if name in ("sft", "rm", "judge", "ppo")
+                           else done["seconds"], 1) for name, done in stages.items()}
     summary = {
         "preset": preset_name,
-        "sft": {k: sft_summary[k] for k in ("valid_loss_before", "valid_loss_after", "seconds_per_step", "steps")},
-        "policies": table,
-        "stage_seconds": {name: round(done["seconds"], 1) for name, done in stages.items()},
+        "reward_model": {key: rm_eval.get(key) for key in ("comparisons", "accuracy", "accuracy_ci95", "similar_length", "longer_wins", "labeler_agreement")},
+        "policies": policy_eval.get("policies", {}),
+        "sft": _read(run_dir / "sft" / "summary.json"),
+        "ppo": _read(run_dir / "ppo" / "summary.json"),
+        "stage_seconds": seconds,
         "peak_memory_mib": max(done["peak_memory_mib"] for done in stages.values()),
     }
     write_json(run_dir / "summary.json", summary)
-    print(json.dumps(summary, indent=2))
-    return run_dir
+    print(json.dumps({k: summary[k] for k in ("reward_model", "stage_seconds", "peak_memory_mib")}, indent=2))
+    return summary
 
 
 def resume_pipeline(run_dir: str) -> Path:

@@ -1,0 +1,104 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fromfeedback.files import UserError
+from fromfeedback.pipeline import RunConfig, fingerprint, run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_PRESET = """
+[run]
+base_model = "tiny-random"
+eval_limit = 4
+best_of_n = [1, 2]
+report_examples = 2
+
+[sft]
+max_steps = 3
+batch_size = 4
+micro_batch_size = 2
+train_limit = 8
+valid_limit = 4
+query_max_tokens = 96
+precision = "fp32"
+checkpoint_every = 1
+
+[rm]
+max_steps = 2
+batch_size = 4
+micro_batch_size = 2
+train_limit = 8
+query_max_tokens = 96
+bias_limit = 8
+precision = "fp32"
+
+[ppo]
+iterations = 2
+rollout_batch_size = 4
+minibatch_size = 4
+micro_batch_size = 2
+generation_batch_size = 4
+ppo_epochs = 1
+response_max_tokens = 8
+precision = "fp32"
+checkpoint_every = 1
+
+[sample]
+max_new_tokens = 8
+batch_size = 4
+
+[best_of_n]
+max_new_tokens = 8
+batch_size = 4
+
+[eval]
+batch_size = 4
+"""
+
+
+def test_run_stage_skips_finished_work_and_refuses_a_changed_config(tmp_path):
+    calls = []
+    first = run_stage(tmp_path, "demo", RunConfig(eval_limit=3), calls.append)
+    again = run_stage(tmp_path, "demo", RunConfig(eval_limit=3), calls.append)
+    assert len(calls) == 1 and first["fingerprint"] == again["fingerprint"] == fingerprint(RunConfig(eval_limit=3))
+    with pytest.raises(UserError, match="another configuration"):
+        run_stage(tmp_path, "demo", RunConfig(eval_limit=4), calls.append)
+
+
+def _fromfeedback(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "FROMFEEDBACK_NO_PROGRESS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fromfeedback.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data_dir):
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(TINY_PRESET)
+    run_dir = tmp_path / "run"
+    process = _fromfeedback("run", "--preset", str(preset), "--out", str(run_dir), "--data-dir", str(data_dir))
+    deadline = time.time() + 300
+    while not (run_dir / "rm" / "stage.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run_dir / "sft" / "stage.json").exists() and not (run_dir / "report.html").exists()
+
+    resumed = _fromfeedback("run", "--resume", str(run_dir))
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "[sft] already done" in output and "[rm] already done" in output
+    for stage in ("judge", "ppo", "samples-sft", "samples-ppo", "best-of-1", "best-of-2", "eval-policies", "eval-overoptimization"):
+        assert (run_dir / stage / "stage.json").exists(), stage
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reward_model"]["comparisons"] == 380
+    assert 0.5 < summary["reward_model"]["longer_wins"]["accuracy"] < 0.7
+    assert {"sft", "ppo", "best-of-2", "openai_ppo_1.3b"} <= set(summary["policies"])
+    assert set(summary["stage_seconds"]) >= {"sft", "rm", "judge", "ppo", "eval-policies"}
+    report = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in report and "openai_ppo_1.3b" in report
