@@ -66,6 +66,7 @@ def run_worker(script: str, name: str, argv: list[str], threads: int, timeout: f
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
             result["process_seconds"] = time.perf_counter() - started
+            print(f"  {name} done: {json.dumps(result)[:400]}", file=sys.stderr, flush=True)  # kept if a later worker times out
             return result
     tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-25:])
     print(f"  {name} failed (exit {completed.returncode}):\n{tail}", file=sys.stderr)
