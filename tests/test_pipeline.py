@@ -102,3 +102,25 @@ def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data
     assert set(summary["stage_seconds"]) >= {"sft", "rm", "judge", "ppo", "eval-policies"}
     report = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in report and "openai_ppo_1.3b" in report
+
+
+@pytest.mark.parametrize("preset", ["demo", "tldr-paper"])
+def test_presets_build_and_validate_every_stage(preset, capsys):
+    from fromfeedback.pipeline import run_pipeline
+
+    run_pipeline(preset, "runs/never-written", dry_run=True)
+    printed = capsys.readouterr().out
+    assert "every stage" in printed and not Path("runs/never-written").exists()
+    for stage in ("[sft]", "[rm]", "[judge]", "[ppo]", "[samples-ppo]", "[best-of-16]", "[eval-policies]", "[eval-overoptimization]"):
+        assert stage in printed
+
+
+def test_paper_preset_has_the_paper_settings():
+    from fromfeedback.config import build_config
+    from fromfeedback.ppo import PPOConfig
+    from fromfeedback.sft import SFTConfig
+
+    sft = build_config(SFTConfig, "tldr-paper", "sft")
+    ppo = build_config(PPOConfig, "tldr-paper", "ppo")
+    assert (sft.query_max_tokens, sft.response_max_tokens, sft.freeze_layers, sft.freeze_embeddings) == (512, 48, 0, False)
+    assert (ppo.rollout_batch_size, ppo.kl_coef, ppo.value_model, ppo.temperature, ppo.freeze_layers) == (512, 0.05, "rm", 0.7, 0)

@@ -6,6 +6,7 @@ Every stage takes `--preset NAME` (a TOML file in configs/) and any config field
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -61,6 +62,7 @@ def run_command(
     preset: str = typer.Option("demo", "--preset", help="Preset name in configs/ or a .toml path."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: runs/<preset>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Carry on a run directory made by an earlier `fromfeedback run`."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build and validate every stage's configuration; run nothing."),
 ) -> None:
     """The whole loop in one run directory, each finished stage skipped; extra `--field value` options set fields of the preset's run table."""
     from fromfeedback.pipeline import resume_pipeline, run_pipeline, split_run_overrides
@@ -70,7 +72,7 @@ def run_command(
             raise UserError("--resume takes no other options: the run keeps its preset and overrides")
         resume_pipeline(resume)
     else:
-        run_pipeline(preset, out or f"runs/{preset}", split_run_overrides(ctx.args))
+        run_pipeline(preset, out or f"runs/{Path(preset).stem}", split_run_overrides(ctx.args), dry_run=dry_run)
 
 
 @data_app.command("validate")

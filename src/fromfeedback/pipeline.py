@@ -70,8 +70,10 @@ def stage_config(cls: type, preset: dict[str, Any], section: str, overrides: dic
     return make_config(cls, {**preset.get(section, {}), **overrides}, f"{where} [{section}]")
 
 
-def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None) -> Path:
-    """SFT → reward model (+ held-out judge) → PPO → best-of-N → evaluation → report; returns the run directory."""
+def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None, dry_run: bool = False) -> Path:
+    """SFT → reward model (+ held-out judge) → PPO → best-of-N → evaluation → report; returns the run directory.
+
+    With dry_run, every stage's configuration is built and validated (and printed), and nothing runs."""
     from fromfeedback.best_of_n import BestOfNConfig, run_best_of_n
     from fromfeedback.evaluate.judges import make_judge
     from fromfeedback.evaluate.overoptimization import run_overoptimization
@@ -83,9 +85,10 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None)
     from fromfeedback.sft import SFTConfig, run_sft
 
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     overrides = overrides or []
-    write_json(run_dir / "run.json", {"preset": preset_name, "overrides": overrides})
+    if not dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", {"preset": preset_name, "overrides": overrides})
     preset = load_preset(preset_name)
     run = build_config(RunConfig, preset_name, "run", overrides)
     data_dir = run.data_dir or default_data_dir()
@@ -93,7 +96,10 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None)
 
     def stage(name: str, cls: type, section: str, action: Callable[[Any], Any], **fields: Any) -> Any:
         config = stage_config(cls, preset, section, {"data_dir": data_dir, **fields}, preset_name)
-        stages[name] = run_stage(run_dir, name, config, action)
+        if dry_run:
+            print(f"[{name}] {type(config).__name__}: {json.dumps(config_to_dict(config))}")
+        else:
+            stages[name] = run_stage(run_dir, name, config, action)
         return config
 
     sft = stage("sft", SFTConfig, "sft", run_sft, model=run.base_model, out=str(run_dir / "sft"))
@@ -134,7 +140,10 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None)
         return run_overoptimization(config.points, judge_model, rm_model, data_dir, run.eval_split, str(eval_dir),
                                     sft=sft_model, limit=run.eval_limit)
 
-    stages["eval-overoptimization"] = run_stage(run_dir, "eval-overoptimization", OveroptimizationConfig(points=points), overoptimization)
+    stage("eval-overoptimization", OveroptimizationConfig, "overoptimization", overoptimization, points=points)
+    if dry_run:
+        print(f"dry run: every stage of preset {preset_name!r} is configured and valid; nothing was run")
+        return run_dir
     write_summary(run_dir, preset_name, stages)
     report = write_report(run_dir, data_dir=data_dir, examples=run.report_examples)
     print(f"report: {report.resolve()}")
@@ -145,6 +154,8 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None)
 class OveroptimizationConfig:
     points: list[str] = dataclasses.field(default_factory=list)
     """`SERIES/NAME=SOURCE` points (samples files or policy folders) of the over-optimization plot."""
+    data_dir: str = ""
+    """Folder with tldr/posts.jsonl."""
 
 
 def _read(path: Path) -> dict[str, Any]:
