@@ -67,7 +67,9 @@ def test_run_stage_skips_finished_work_and_refuses_a_changed_config(tmp_path):
     calls = []
     first = run_stage(tmp_path, "demo", RunConfig(eval_limit=3), calls.append)
     again = run_stage(tmp_path, "demo", RunConfig(eval_limit=3), calls.append)
-    assert len(calls) == 1 and first["fingerprint"] == again["fingerprint"] == fingerprint(RunConfig(eval_limit=3))
+    assert len(calls) == 1 and first["fingerprint"] == again["fingerprint"] == fingerprint(RunConfig(eval_limit=3), tmp_path)
+    # Paths inside the run directory count relative to it: a copied run directory resumes.
+    assert fingerprint(RunConfig(data_dir=str(tmp_path / "x")), tmp_path) == fingerprint(RunConfig(data_dir=str(tmp_path.parent / "y" / "x")), tmp_path.parent / "y")
     with pytest.raises(UserError, match="another configuration"):
         run_stage(tmp_path, "demo", RunConfig(eval_limit=4), calls.append)
 

@@ -41,8 +41,13 @@ class RunConfig:
     """Posts shown side by side in the report."""
 
 
-def fingerprint(config: Any) -> str:
-    return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(config: Any, run_dir: Path | None = None) -> str:
+    """Hash of a stage's configuration; paths inside `run_dir` count relative to it, so a run directory
+    can be moved or copied and still resumed."""
+    text = json.dumps(config_to_dict(config), sort_keys=True)
+    if run_dir is not None:
+        text = text.replace(str(run_dir), "{run_dir}")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_stage(run_dir: Path, name: str, config: Any, action: Callable[[Any], Any]) -> dict[str, Any]:
@@ -50,14 +55,14 @@ def run_stage(run_dir: Path, name: str, config: Any, action: Callable[[Any], Any
     marker = run_dir / name / "stage.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done["fingerprint"] == fingerprint(config):
+        if done["fingerprint"] == fingerprint(config, run_dir):
             print(f"[{name}] already done ({done['seconds']:.0f}s), skipping")
             return done
         raise UserError(f"{run_dir / name} was made with another configuration: delete that folder or use a new --out")
     print(f"[{name}] starting")
     started = time.perf_counter()
     action(config)
-    done = {"stage": name, "fingerprint": fingerprint(config), "config": config_to_dict(config),
+    done = {"stage": name, "fingerprint": fingerprint(config, run_dir), "config": config_to_dict(config),
             "seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mb()}
     write_json(marker, done)
     print(f"[{name}] done in {done['seconds']:.0f}s")
