@@ -134,7 +134,7 @@ def make_data(root: Path) -> Path:
     return root
 
 
-def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf_model(tmp_path):
+def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf_model(tmp_path, capsys):
     data_dir = make_data(tmp_path / "data")
     out = tmp_path / "rm"
     config = build_config(RMConfig, None, "rm", {
@@ -185,6 +185,20 @@ def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf
     (out / "summary.json").unlink()
     run_rm_train(config)
     assert json.loads((out / "summary.json").read_text())["resumed_at_step"] == 4
+
+    # The command line: `rm eval --json` prints one JSON object; `rm score` adds a score to each sample.
+    from fromfeedback.cli import main
+
+    capsys.readouterr()
+    main(["rm", "eval", "--model", str(model_dir), "--split", "rm_valid", "--data-dir", str(data_dir), "--json", "--plot", str(tmp_path / "r.png")])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == 1.0 and printed["longer_wins"]["accuracy"] == 1.0 and printed["labeler_agreement"]["rm_valid"]["agreement"] == 1.0
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"post_id": "t3_6", "policy": "good", "text": CHOSEN}) + "\n" + json.dumps({"post_id": "t3_6", "policy": "bad", "text": REJECTED}) + "\n")
+    main(["rm", "score", "--model", str(model_dir), "--samples", str(samples), "--out", str(tmp_path / "scored.jsonl"), "--data-dir", str(data_dir)])
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert scored[0]["policy"] == "good" and scored[0]["score"] > scored[1]["score"]
+    assert scored[0]["score"] == pytest.approx(chosen[12], abs=2e-2)  # the RM's own budgets by default (bf16 here)
 
 
 def test_comparison_report_on_a_synthetic_case():
