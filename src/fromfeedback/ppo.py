@@ -39,7 +39,7 @@ from fromfeedback.models import (
     transformer_layers,
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
-from fromfeedback.reward import score_batch
+from fromfeedback.reward import eos_index, score_batch
 from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, default_device, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
@@ -144,11 +144,6 @@ class PPOConfig:
 # --- the algorithm, as plain tensor functions ---------------------------------------------------
 
 
-def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
-    """Column of each response's last real token (its EOS when it ended), from the explicit mask."""
-    return (response_mask.sum(-1) - 1).clamp(min=0)
-
-
 def penalize_no_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
     """Scores with those of responses that never produced EOS replaced by `penalty`."""
     return torch.where(ended.to(scores.device), scores, torch.full_like(scores, penalty))
@@ -164,7 +159,7 @@ def shaped_rewards(
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_token_index(response_mask)] += scores.to(rewards.dtype)
+    rewards[rows, eos_index(response_mask)] += scores.to(rewards.dtype)
     return rewards, kl
 
 
