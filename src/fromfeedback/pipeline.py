@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fromfeedback.config import build_config, config_to_dict, default_data_dir, load_preset, parse_overrides
+from fromfeedback.config import build_config, config_to_dict, default_data_dir, load_preset, make_config, parse_overrides
 from fromfeedback.files import UserError, write_json
 from fromfeedback.runtime import peak_memory_mb
 
@@ -70,8 +70,6 @@ def run_stage(run_dir: Path, name: str, config: Any, action: Callable[[Any], Any
 
 
 def stage_config(cls: type, preset: dict[str, Any], section: str, overrides: dict[str, Any], where: str) -> Any:
-    from fromfeedback.config import make_config
-
     return make_config(cls, {**preset.get(section, {}), **overrides}, f"{where} [{section}]")
 
 
