@@ -52,3 +52,27 @@ def test_keeps_the_highest_scoring_of_n_samples(data_dir, tmp_path):
     assert all_scores.std(-1).min() > 0  # the N samples differ, so picking the best matters
     assert all(s.extra["kl"] == pytest.approx(best_of_n_kl(4)) and s.policy == "best-of-4" for s in samples)
     assert (tmp_path / "best.summary.json").exists()
+
+
+def test_smaller_n_are_the_best_of_the_first_k_samples(data_dir, tmp_path):
+    seen: list[torch.Tensor] = []
+
+    def mean_token_id(batch):
+        mask = batch.response_mask.float()
+        seen.append((batch.response_ids.float() * mask).sum(-1) / mask.sum(-1) / 1000)
+        return seen[-1]
+
+    config = BestOfNConfig(
+        policy="tiny-random", n=4, also_n=[1, 2], data_dir=str(data_dir), split="test", limit=3, out=str(tmp_path / "best-of-{n}.jsonl"),
+        max_new_tokens=6, query_max_tokens=128, batch_size=8, penalize_no_eos=False, precision="fp32",
+    )
+    assert run_best_of_n(config, reward_fn=mean_token_id) == tmp_path / "best-of-4.jsonl"
+    all_scores = torch.cat(seen).view(3, 4)
+    for k in (1, 2, 4):
+        samples = load_samples(tmp_path / f"best-of-{k}.jsonl")
+        assert [s.extra["score"] for s in samples] == pytest.approx(all_scores[:, :k].max(-1).values.tolist())
+        assert all(s.policy == f"best-of-{k}" and s.extra["kl"] == pytest.approx(best_of_n_kl(k)) for s in samples)
+    with pytest.raises(UserError, match="placeholder"):
+        BestOfNConfig(n=4, also_n=[2], out="best.jsonl").validate()
+    with pytest.raises(UserError, match="also_n"):
+        BestOfNConfig(n=4, also_n=[8], out="best-{n}.jsonl").validate()

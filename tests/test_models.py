@@ -4,7 +4,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fromfeedback.data import QueryResponseBatch, encode_response
 from fromfeedback.files import UserError
-from fromfeedback.models import freeze_lower, load_policy, load_scalar_model, resolve_model, response_logits
+from fromfeedback.models import copy_trainable_weights, freeze_lower, inference_copy, load_policy, load_scalar_model, resolve_model, response_logits
 from fromfeedback.reward import eos_index, score_batch
 
 
@@ -30,6 +30,23 @@ def test_freeze_lower(tiny_model_dir):
     assert all(p.requires_grad for p in model.model.layers[1].parameters())
     with pytest.raises(UserError, match="only 2 layers"):
         freeze_lower(model, 3, False)
+
+
+def test_inference_copy_follows_the_trained_weights(tiny_model_dir):
+    policy = load_policy(tiny_model_dir)
+    freeze_lower(policy, 1, freeze_embeddings=True)
+    sampler = inference_copy(policy, torch.bfloat16)
+    assert next(sampler.parameters()).dtype == torch.bfloat16
+    assert inference_copy(policy, torch.float32) is policy
+    trained = dict(policy.named_parameters())
+    with torch.no_grad():
+        for parameter in trained.values():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    copy_trainable_weights(policy, sampler)
+    for name, parameter in sampler.named_parameters():
+        assert not parameter.requires_grad
+        torch.testing.assert_close(parameter.float(), trained[name].detach().to(torch.bfloat16).float())
 
 
 def _batch(tokenizer):

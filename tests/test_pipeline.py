@@ -95,7 +95,7 @@ def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     assert "[sft] already done" in output and "[rm] already done" in output
-    for stage in ("judge", "ppo", "samples-sft", "samples-ppo", "best-of-1", "best-of-2", "eval-policies", "eval-overoptimization"):
+    for stage in ("judge", "ppo", "samples-sft", "samples-ppo", "best-of-n", "eval-policies", "eval-overoptimization"):
         assert (run_dir / stage / "stage.json").exists(), stage
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reward_model"]["comparisons"] == 380
@@ -113,7 +113,7 @@ def test_presets_build_and_validate_every_stage(preset, capsys):
     run_pipeline(preset, "runs/never-written", dry_run=True)
     printed = capsys.readouterr().out
     assert "every stage" in printed and not Path("runs/never-written").exists()
-    for stage in ("[sft]", "[rm]", "[judge]", "[ppo]", "[samples-ppo]", "[best-of-16]", "[eval-policies]", "[eval-overoptimization]"):
+    for stage in ("[sft]", "[rm]", "[judge]", "[ppo]", "[samples-ppo]", "[best-of-n]", "[eval-policies]", "[eval-overoptimization]"):
         assert stage in printed
 
 

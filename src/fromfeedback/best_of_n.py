@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from fromfeedback.files import UserError, write_json
 from fromfeedback.models import load_policy, load_scalar_model, load_tokenizer, resolve_model
 from fromfeedback.ppo import penalize_no_eos
 from fromfeedback.reward import score_batch
-from fromfeedback.runtime import default_device, peak_memory_mb, progress, seed_everything
+from fromfeedback.runtime import default_device, inference_dtype, peak_memory_mb, progress, seed_everything
 from fromfeedback.sampling import generate, query_budget
 
 
@@ -31,6 +31,9 @@ class BestOfNConfig:
     """Reward model folder that picks the best sample."""
     n: int = 4
     """Samples per post."""
+    also_n: list[int] = field(default_factory=list)
+    """Also write best-of-k for each k here (k < n), from the first k of the same N samples of each post: one
+    sampling pass serves every N. Needs `{n}` in `out`."""
     data_dir: str = ""
     """Folder with tldr/posts.jsonl (default: $FROMFEEDBACK_DATA_DIR or ../shared/data)."""
     split: str = "test"
@@ -38,7 +41,8 @@ class BestOfNConfig:
     limit: int = 100
     """Summarize only the first N posts of the split (0: all)."""
     out: str = "best_of_n.jsonl"
-    """Samples file to write (post_id, policy, text, score, kl, n, eos, tokens); a summary goes beside it."""
+    """Samples file to write (post_id, policy, text, score, kl, n, eos, tokens); a summary goes beside it.
+    `{n}` in it is replaced by N (needed with also_n)."""
     temperature: float = 0.7
     """Sampling temperature."""
     max_new_tokens: int = 48
@@ -61,6 +65,10 @@ class BestOfNConfig:
     def validate(self) -> None:
         if self.n < 1:
             raise UserError(f"n must be at least 1, got {self.n}")
+        if any(not 1 <= k <= self.n for k in self.also_n):
+            raise UserError(f"also_n must hold sizes from 1 to n = {self.n}, got {self.also_n}")
+        if self.also_n and "{n}" not in self.out:
+            raise UserError(f"with also_n, out needs a {{n}} placeholder for each file (e.g. best-of-{{n}}.jsonl), got {self.out!r}")
         if self.temperature <= 0:
             raise UserError("temperature must be > 0: best-of-N needs distinct samples")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -72,13 +80,15 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Scores [P·N] of N consecutive samples per post → index [P] of each post's best sample (first on ties)."""
-    return scores.view(-1, n).argmax(-1) + torch.arange(scores.numel() // n) * n
+def pick_best(scores: torch.Tensor, n: int, k: int | None = None) -> torch.Tensor:
+    """Scores [P·N] of N consecutive samples per post → index [P] of the best of each post's first k
+    samples (all N by default; first on ties)."""
+    return scores.view(-1, n)[:, : k or n].argmax(-1) + torch.arange(scores.numel() // n) * n
 
 
 def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch], torch.Tensor] | None = None) -> Path:
-    """Writes each post's best of N samples with its score and the analytic KL; returns the samples file."""
+    """Writes each post's best of N samples with its score and the analytic KL (and best of k for each k
+    of also_n); returns the samples file of N."""
     from fromfeedback.config import default_data_dir
 
     if not config.policy:
@@ -89,11 +99,12 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
     device = default_device()
     policy_dir = resolve_model(config.policy)
     tokenizer = load_tokenizer(policy_dir)
-    policy = load_policy(policy_dir).to(device).eval()
+    dtype = inference_dtype(config.precision, device)  # type: ignore[arg-type]
+    policy = load_policy(policy_dir, dtype).to(device).eval()
     if reward_fn is None:
         if not config.rm:
             raise UserError("give the reward model with --rm DIR")
-        reward_model = load_scalar_model(config.rm).to(device).eval()
+        reward_model = load_scalar_model(config.rm, dtype).to(device).eval()
 
         def reward_fn(batch: QueryResponseBatch) -> torch.Tensor:
             return score_batch(reward_model, batch, config.precision)
@@ -104,7 +115,8 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
     budget = query_budget(policy_dir, config.query_max_tokens)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     started = time.perf_counter()
-    samples: list[Sample] = []
+    sizes = sorted({config.n, *config.also_n})
+    samples: dict[int, list[Sample]] = {k: [] for k in sizes}
     # A chunk of posts at a time, each query repeated N times, so memory stays bounded for any N.
     posts_per_chunk = max(1, config.batch_size // config.n)
     for start in progress(range(0, len(posts), posts_per_chunk), desc=f"best-of-{config.n}"):
@@ -116,22 +128,26 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
         if config.penalize_no_eos:
             scores = penalize_no_eos(scores, generation.ended, config.no_eos_penalty)
         lengths = generation.batch.response_lengths.tolist()
-        for post, best in zip(chunk, pick_best(scores, config.n).tolist()):
-            extra = {"score": float(scores[best]), "kl": best_of_n_kl(config.n), "n": config.n, "eos": bool(generation.ended[best]), "tokens": int(lengths[best])}
-            samples.append(Sample(post.id, f"best-of-{config.n}", generation.texts[best], extra))
+        for k in sizes:
+            for post, best in zip(chunk, pick_best(scores, config.n, k).tolist()):
+                extra = {"score": float(scores[best]), "kl": best_of_n_kl(k), "n": k, "eos": bool(generation.ended[best]), "tokens": int(lengths[best])}
+                samples[k].append(Sample(post.id, f"best-of-{k}", generation.texts[best], extra))
     seconds = time.perf_counter() - started
-    write_samples(config.out, samples)
-    summary = {
-        "n": config.n,
-        "posts": len(samples),
-        "mean_score": sum(s.extra["score"] for s in samples) / len(samples),
-        "kl": best_of_n_kl(config.n),
-        "eos_rate": sum(s.extra["eos"] for s in samples) / len(samples),
-        "mean_tokens": sum(s.extra["tokens"] for s in samples) / len(samples),
-        "seconds": seconds,
-        "peak_memory_mib": peak_memory_mb(device),
-    }
-    write_json(Path(config.out).with_suffix(".summary.json"), summary)
-    print(f"wrote {len(samples)} best-of-{config.n} samples to {config.out}: mean score {summary['mean_score']:.3f}, "
-          f"KL {summary['kl']:.3f} nats, EOS rate {summary['eos_rate']:.1%}, {seconds:.0f} s")
-    return Path(config.out)
+    for k in sizes:
+        out = config.out.replace("{n}", str(k))
+        write_samples(out, samples[k])
+        summary = {
+            "n": k,
+            "posts": len(samples[k]),
+            "mean_score": sum(s.extra["score"] for s in samples[k]) / len(samples[k]),
+            "kl": best_of_n_kl(k),
+            "eos_rate": sum(s.extra["eos"] for s in samples[k]) / len(samples[k]),
+            "mean_tokens": sum(s.extra["tokens"] for s in samples[k]) / len(samples[k]),
+            "seconds": seconds,
+            "peak_memory_mib": peak_memory_mb(device),
+        }
+        write_json(Path(out).with_suffix(".summary.json"), summary)
+        print(f"wrote {len(samples[k])} best-of-{k} samples to {out}: mean score {summary['mean_score']:.3f}, "
+              f"KL {summary['kl']:.3f} nats, EOS rate {summary['eos_rate']:.1%}")
+    print(f"{len(posts) * config.n} samples generated and scored in {seconds:.0f} s")
+    return Path(config.out.replace("{n}", str(config.n)))

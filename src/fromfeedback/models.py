@@ -165,6 +165,24 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     return model
 
 
+def inference_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A frozen copy of `model` in `dtype` for sampling; the model itself when it already has that dtype."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def copy_trainable_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copies the trainable parameters of `source` into the same-named ones of `target` (a no-op on itself)."""
+    if source is target:
+        return
+    target_parameters = dict(target.named_parameters())
+    for name, parameter in source.named_parameters():
+        if parameter.requires_grad:
+            target_parameters[name].copy_(parameter)
+
+
 def transformer_layers(model: PreTrainedModel) -> nn.ModuleList:
     base = getattr(model, model.base_model_prefix, model)
     for attr in ("layers", "h", "blocks"):

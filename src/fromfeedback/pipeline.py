@@ -118,12 +118,12 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
     for policy, model in {"sft": sft_model, "ppo": ppo_model}.items():
         stage(f"samples-{policy}", SampleConfig, "sample", run_sample, model=model, policy_name=policy, temperature=0.0,
               out=str(samples_dir / f"{policy}.jsonl"), query_max_tokens=sft.query_max_tokens, **held_out)
-    for n in run.best_of_n:
-        stage(f"best-of-{n}", BestOfNConfig, "best_of_n", run_best_of_n, policy=sft_model, rm=rm_model, n=n,
-              out=str(samples_dir / f"best-of-{n}.jsonl"), **held_out)
+    largest_n = max(run.best_of_n, default=0)
+    if largest_n:
+        stage("best-of-n", BestOfNConfig, "best_of_n", run_best_of_n, policy=sft_model, rm=rm_model, n=largest_n,
+              also_n=[n for n in run.best_of_n if n != largest_n], out=str(samples_dir / "best-of-{n}.jsonl"), **held_out)
 
     eval_dir = run_dir / "eval"
-    largest_n = max(run.best_of_n, default=0)
     policy_samples = [str(samples_dir / "sft.jsonl"), str(samples_dir / "ppo.jsonl"), "posts:openai_ppo_1.3b"]
     if largest_n:
         policy_samples.insert(2, str(samples_dir / f"best-of-{largest_n}.jsonl"))

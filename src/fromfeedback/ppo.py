@@ -28,8 +28,10 @@ from fromfeedback.data import QueryResponseBatch, load_tldr, make_query
 from fromfeedback.files import UserError, atomic_path, write_json, write_jsonl
 from fromfeedback.models import (
     ScalarHeadModel,
+    copy_trainable_weights,
     count_parameters,
     freeze_lower,
+    inference_copy,
     join_query_response,
     load_policy,
     load_scalar_model,
@@ -40,7 +42,7 @@ from fromfeedback.models import (
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
 from fromfeedback.reward import eos_index, score_batch
-from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, default_device, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
 RewardFn = Callable[[QueryResponseBatch], torch.Tensor]
@@ -369,12 +371,13 @@ def prompt_indices(iteration: int, batch_size: int, n_prompts: int, seed: int) -
     return indices
 
 
-def collect_rollouts(policy, critic, reference, tokenizer, reward_fn: RewardFn, queries: list[list[int]], config: PPOConfig, iteration: int, timings: dict):
+def collect_rollouts(policy, sampler, critic, reference, tokenizer, reward_fn: RewardFn, queries: list[list[int]], config: PPOConfig, iteration: int, timings: dict):
+    """Samples from `sampler` (the policy's weights, maybe in bf16), then scores and evaluates with the models."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + iteration)
     started = time.perf_counter()
     generation = generate(
-        policy, tokenizer, queries, config.response_max_tokens, config.temperature, 1.0, config.generation_batch_size, generator, config.precision
+        sampler, tokenizer, queries, config.response_max_tokens, config.temperature, 1.0, config.generation_batch_size, generator, config.precision
     )
     timings["seconds_generate"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -462,7 +465,7 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
 def reward_model_fn(rm_dir: str, config: PPOConfig, device) -> RewardFn:
     if not rm_dir:
         raise UserError("give the reward model with --rm DIR (a folder written by `fromfeedback rm train`)")
-    reward_model = load_scalar_model(rm_dir).to(device).eval().requires_grad_(False)
+    reward_model = load_scalar_model(rm_dir, inference_dtype(config.precision, device)).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
 
     def score(batch: QueryResponseBatch) -> torch.Tensor:
         parts = [score_batch(reward_model, batch.select(range(s, min(s + config.micro_batch_size, len(batch.query_ids)))), config.precision)
@@ -513,7 +516,10 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     policy = load_policy(sft_dir)
     freeze_lower(policy, config.freeze_layers, config.freeze_embeddings)
     policy.to(device).train()
-    reference = load_policy(sft_dir).to(device).eval().requires_grad_(False)
+    reference = load_policy(sft_dir, inference_dtype(config.precision, device)).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
+    # Rollouts are sampled from a bf16 copy of the policy, refreshed before each batch (its log-probs are
+    # recomputed by the trained policy, so sampling precision never enters the loss).
+    sampler = inference_copy(policy, inference_dtype(config.precision, device))  # type: ignore[arg-type]
     critic = build_critic(policy, config, device)
     if reward_fn is None:
         reward_fn = reward_model_fn(config.rm, config, device)
@@ -562,7 +568,8 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         queries = tokenize_prompts(posts, tokenizer, budget, query_cache, indices)
         timings: dict[str, float] = {}
         policy.eval()
-        rollouts = collect_rollouts(policy, critic, reference, tokenizer, reward_fn, queries, config, iteration, timings)
+        copy_trainable_weights(policy, sampler)
+        rollouts = collect_rollouts(policy, sampler, critic, reference, tokenizer, reward_fn, queries, config, iteration, timings)
         policy.train()
         mask = rollouts.batch.response_mask
         kl_coef = kl_controller.value

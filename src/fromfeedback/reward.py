@@ -34,8 +34,19 @@ from fromfeedback.data import (
     write_samples,
 )
 from fromfeedback.files import UserError, atomic_path, write_json
-from fromfeedback.models import ScalarHeadModel, count_parameters, freeze_lower, load_scalar_model, load_tokenizer, resolve_model
-from fromfeedback.runtime import Checkpointer, MetricsLogger, Precision, autocast, default_device, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.models import ScalarHeadModel, count_parameters, freeze_lower, inference_copy, load_scalar_model, load_tokenizer, resolve_model
+from fromfeedback.runtime import (
+    Checkpointer,
+    MetricsLogger,
+    Precision,
+    autocast,
+    default_device,
+    inference_dtype,
+    peak_memory_mb,
+    progress,
+    seed_everything,
+    use_bf16,
+)
 from fromfeedback.stats import calibration_bins, expected_calibration_error, pairwise_accuracy, similar_length, wilson_interval
 
 
@@ -356,7 +367,9 @@ def run_rm_train(config: RMConfig) -> Path:
     model.eval()
     bias_started = time.perf_counter()
     bias_posts = load_tldr(data_dir, config.bias_split)[: config.bias_limit or None]
-    bias = normalize_bias(model, tokenizer, bias_posts, config)
+    scorer = ScalarHeadModel(inference_copy(model.model, inference_dtype(config.precision, device)))  # type: ignore[arg-type]
+    bias = normalize_bias(scorer, tokenizer, bias_posts, config)
+    model.set_bias(bias)
     bias_seconds = time.perf_counter() - bias_started
     with atomic_path(final_dir) as tmp:
         model.save(tmp, tokenizer)
@@ -379,7 +392,7 @@ def run_rm_train(config: RMConfig) -> Path:
     if config.eval_split:
         eval_started = time.perf_counter()
         report = evaluate_model(final_dir, config.eval_split, data_dir, config.eval_batch_size, config.precision, out / f"reliability-{config.eval_split}.png",
-                                model=model, tokenizer=tokenizer)
+                                model=scorer, tokenizer=tokenizer)
         write_json(out / "eval.json", report)
         summary["eval_seconds"] = time.perf_counter() - eval_started
         summary.update({f"{config.eval_split}_accuracy": report["accuracy"], f"{config.eval_split}_similar_length_accuracy": report["similar_length"]["accuracy"]})
@@ -508,7 +521,7 @@ def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_
     data_dir = data_dir or default_data_dir()
     info = stage_info.read(resolve_model(model_dir))
     if model is None:
-        model = load_scalar_model(model_dir).to(default_device())
+        model = load_scalar_model(model_dir, inference_dtype(precision, default_device())).to(default_device())  # type: ignore[arg-type]
         tokenizer = load_tokenizer(model_dir)
     model.eval()
     all_comparisons = load_tldr_comparisons(data_dir, None, comparison_files)
@@ -541,7 +554,7 @@ def score_samples_file(model_dir: str | Path, samples_path: str | Path, out_path
     missing = sorted({s.post_id for s in samples if s.post_id not in posts})
     if missing:
         raise UserError(f"{samples_path}: {len(missing)} post id(s) not in posts.jsonl, e.g. {missing[0]!r}")
-    model = load_scalar_model(model_dir).to(default_device())
+    model = load_scalar_model(model_dir, inference_dtype(precision, default_device())).to(default_device())  # type: ignore[arg-type]
     tokenizer = load_tokenizer(model_dir)
     scores = score_summaries(model, tokenizer, [posts[s.post_id] for s in samples], [s.text for s in samples], query_max_tokens,
                              response_max_tokens, batch_size, precision, show_progress=True)  # type: ignore[arg-type]

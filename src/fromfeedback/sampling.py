@@ -16,7 +16,7 @@ from fromfeedback import stage_info
 from fromfeedback.data import QueryResponseBatch, Sample, load_tldr, make_query, pad_left, write_samples
 from fromfeedback.files import UserError
 from fromfeedback.models import load_policy, load_tokenizer, position_ids_from_mask, resolve_model
-from fromfeedback.runtime import Precision, autocast, default_device, peak_memory_mb, progress, seed_everything
+from fromfeedback.runtime import Precision, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything
 
 
 @dataclass
@@ -170,7 +170,7 @@ def run_sample(config: SampleConfig) -> Path:
     model_dir = resolve_model(config.model)
     device = default_device()
     tokenizer = load_tokenizer(model_dir)
-    model = load_policy(model_dir).to(device).eval()
+    model = load_policy(model_dir, inference_dtype(config.precision, device)).to(device).eval()  # type: ignore[arg-type]
     posts = load_tldr(config.data_dir or default_data_dir(), config.split)
     if config.limit:
         posts = posts[: config.limit]

@@ -55,10 +55,10 @@ class RewardModelJudge:
     def _load(self):
         if self._model is None:
             from fromfeedback.models import load_scalar_model, load_tokenizer
-            from fromfeedback.runtime import default_device
+            from fromfeedback.runtime import default_device, inference_dtype
 
             self._tokenizer = load_tokenizer(self.model_dir)
-            self._model = load_scalar_model(self.model_dir).to(default_device()).eval()
+            self._model = load_scalar_model(self.model_dir, inference_dtype(self.precision, default_device())).to(default_device()).eval()
         return self._model, self._tokenizer
 
     def score(self, posts: Sequence, texts: Sequence[str]) -> list[float]:

@@ -48,14 +48,14 @@ def sample_policy_point(label: str, model: str, sft: str, posts: list[Any], out_
     from fromfeedback.data import Sample, make_query, write_samples
     from fromfeedback.evaluate.policy import sample_kls
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
-    from fromfeedback.runtime import default_device
+    from fromfeedback.runtime import default_device, inference_dtype
     from fromfeedback.sampling import generate, query_budget
 
     if not sft:
         raise UserError(f"point {label!r} is a policy folder: give --sft DIR to measure its KL")
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    policy = load_policy(model_dir).to(default_device()).eval()
+    policy = load_policy(model_dir, inference_dtype("auto", default_device())).to(default_device()).eval()
     budget = query_budget(model_dir, 0)
     queries = [tokenizer.encode(make_query(p.subreddit, p.title, p.post, tokenizer, budget), add_special_tokens=False) for p in posts]
     generation = generate(policy, tokenizer, queries, max_new_tokens, batch_size=batch_size, show_progress=True)

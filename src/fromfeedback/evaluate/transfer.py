@@ -53,7 +53,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     from fromfeedback.evaluate.judges import RewardModelJudge, sigmoid
     from fromfeedback.files import write_json
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
-    from fromfeedback.runtime import default_device
+    from fromfeedback.runtime import default_device, inference_dtype
     from fromfeedback.sampling import generate, query_budget
 
     if not config.policy:
@@ -66,7 +66,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         raise UserError(f"{path}: no articles")
     model_dir = resolve_model(config.policy)
     tokenizer = load_tokenizer(model_dir)
-    model = load_policy(model_dir).to(default_device()).eval()
+    device = default_device()
+    model = load_policy(model_dir, inference_dtype(config.precision, device)).to(device).eval()  # type: ignore[arg-type]
     budget = query_budget(model_dir, config.query_max_tokens)
     query_texts = [make_news_query(a.article, tokenizer, budget) for a in articles]
     queries = [tokenizer.encode(q, add_special_tokens=False) for q in query_texts]
