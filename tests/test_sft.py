@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fromfeedback.config import build_config
-from fromfeedback.sft import SFTConfig, batch_plan, learning_rate, run_sft
+from fromfeedback.sft import SFTConfig, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,22 +24,6 @@ def tiny_args(data_dir, out, **overrides) -> list[str]:
         "precision": "fp32", "checkpoint_every": 0, **overrides,
     }
     return [f"--{k}={v}" for k, v in values.items()]
-
-
-def test_learning_rate_schedule_by_hand():
-    config = SFTConfig(lr=1.0, warmup_steps=2, lr_schedule="cosine")
-    assert [learning_rate(s, 12, config) for s in (0, 1)] == [0.5, 1.0]
-    assert learning_rate(2, 12, config) == 1.0
-    assert abs(learning_rate(7, 12, config) - 0.55) < 1e-9  # halfway through the decay: 0.1 + 0.9 * 0.5
-    assert learning_rate(3, 10, SFTConfig(lr=1.0, lr_schedule="constant")) == 1.0
-
-
-def test_batch_plan_is_seeded_and_covers_each_epoch():
-    plan = batch_plan(10, 3, epochs=2, max_steps=0, seed=1)
-    assert len(plan) == 6 and all(len(b) == 3 for b in plan)
-    assert len(set(sum(plan[:3], []))) == 9
-    assert plan == batch_plan(10, 3, epochs=2, max_steps=0, seed=1) != batch_plan(10, 3, epochs=2, max_steps=0, seed=2)
-    assert len(batch_plan(10, 3, epochs=1, max_steps=7, seed=1)) == 7
 
 
 def test_sft_lowers_the_loss_and_saves_a_plain_hf_folder(tmp_path, data_dir):

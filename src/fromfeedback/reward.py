@@ -40,8 +40,10 @@ from fromfeedback.runtime import (
     MetricsLogger,
     Precision,
     autocast,
+    batch_plan,
     default_device,
     inference_dtype,
+    learning_rate,
     peak_memory_mb,
     progress,
     seed_everything,
@@ -283,8 +285,6 @@ def normalize_bias(model: ScalarHeadModel, tokenizer, posts, config: RMConfig) -
 
 def run_rm_train(config: RMConfig) -> Path:
     """Trains a reward model on human comparisons; returns the folder of the saved model."""
-    from fromfeedback.sft import batch_plan, learning_rate
-
     out = Path(config.out)
     final_dir = out / "model"
     if (out / "summary.json").exists() and final_dir.exists():
@@ -331,7 +331,7 @@ def run_rm_train(config: RMConfig) -> Path:
     bar = progress(total=len(plan), initial=start_step, desc="rm")
     for step in range(start_step, len(plan)):
         step_started, cpu_started = time.perf_counter(), time.process_time()
-        lr = learning_rate(step, len(plan), config)  # type: ignore[arg-type]
+        lr = learning_rate(step, len(plan), config.lr, config.warmup_steps, config.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_groups = [groups[i] for i in plan[step]]

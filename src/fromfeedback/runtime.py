@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fromfeedback.files import atomic_path
+from fromfeedback.files import UserError, atomic_path
 
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -69,6 +70,34 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str) -> float:
+    """Learning rate at `step` (0-based): linear warmup to `peak`, then `schedule` (cosine, linear or
+    constant) decay to 10% of the peak."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress_fraction = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return peak * (1 - 0.9 * progress_fraction)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
+
+
+def batch_plan(n_examples: int, batch_size: int, epochs: int, max_steps: int, seed: int) -> list[list[int]]:
+    """The example indices of every optimizer step, fixed by the seed so a resumed run sees the same order."""
+    if n_examples < batch_size:
+        raise UserError(f"batch_size {batch_size} is larger than the {n_examples} training examples")
+    rng = random.Random(seed)
+    plan: list[list[int]] = []
+    epoch = 0
+    while (max_steps and len(plan) < max_steps) or (not max_steps and epoch < epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        plan.extend(order[i : i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size))
+        epoch += 1
+    return plan[:max_steps] if max_steps else plan
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

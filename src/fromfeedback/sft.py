@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from fromfeedback.data import QueryResponseBatch, encode_response, load_tldr, ma
 from fromfeedback.files import UserError, atomic_path, write_json
 from fromfeedback.models import count_parameters, freeze_lower, load_policy, load_tokenizer, resolve_model, response_logits
 from fromfeedback.ops import logprobs_from_logits, masked_sum
-from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, batch_plan, learning_rate, peak_memory_mb, progress, seed_everything, use_bf16
 
 
 @dataclass
@@ -84,18 +82,6 @@ class SFTConfig:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
 
 
-def learning_rate(step: int, total_steps: int, config: SFTConfig) -> float:
-    """Learning rate at `step` (0-based): linear warmup, then the configured decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
-        return config.lr
-    progress_fraction = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    if config.lr_schedule == "linear":
-        return config.lr * (1 - 0.9 * progress_fraction)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
-
-
 def tokenize_pairs(posts, tokenizer, query_max_tokens: int, response_max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(query ids, response ids) for each post with a reference."""
     pairs = []
@@ -105,21 +91,6 @@ def tokenize_pairs(posts, tokenizer, query_max_tokens: int, response_max_tokens:
         query = make_query(post.subreddit, post.title, post.post, tokenizer, query_max_tokens)
         pairs.append((tokenizer.encode(query, add_special_tokens=False), encode_response(tokenizer, post.reference, response_max_tokens)))
     return pairs
-
-
-def batch_plan(n_examples: int, batch_size: int, epochs: int, max_steps: int, seed: int) -> list[list[int]]:
-    """The example indices of every optimizer step, fixed by the seed so a resumed run sees the same order."""
-    if n_examples < batch_size:
-        raise UserError(f"batch_size {batch_size} is larger than the {n_examples} training examples")
-    rng = random.Random(seed)
-    plan: list[list[int]] = []
-    epoch = 0
-    while (max_steps and len(plan) < max_steps) or (not max_steps and epoch < epochs):
-        order = list(range(n_examples))
-        rng.shuffle(order)
-        plan.extend(order[i : i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size))
-        epoch += 1
-    return plan[:max_steps] if max_steps else plan
 
 
 def response_nll(model, batch: QueryResponseBatch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +174,7 @@ def run_sft(config: SFTConfig) -> Path:
     bar = progress(total=len(plan), initial=start_step, desc="sft", enabled=is_main)
     for step in range(start_step, len(plan)):
         step_started = time.perf_counter()
-        lr = learning_rate(step, len(plan), config)
+        lr = learning_rate(step, len(plan), config.lr, config.warmup_steps, config.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         global_pairs = [train_pairs[i] for i in plan[step]]

@@ -34,8 +34,13 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def post_key(post) -> str:
+    """A post's id, or for a post without one (e.g. read off a labeling page), its text."""
+    return getattr(post, "id", None) or f"{post.subreddit}\n{post.title}\n{post.post}"
+
+
 class RewardModelJudge:
-    """A reward model as judge. Scores are cached by (post id, summary), so a baseline shared by many
+    """A reward model as judge. Scores are cached by (post, summary), so a baseline shared by many
     policies is scored once."""
 
     def __init__(self, model: str | Path, query_max_tokens: int = 0, response_max_tokens: int = 48, batch_size: int = 16, precision: str = "auto"):
@@ -62,10 +67,10 @@ class RewardModelJudge:
         return self._model, self._tokenizer
 
     def score(self, posts: Sequence, texts: Sequence[str]) -> list[float]:
-        """Reward of each (post, summary); posts need `id`, `subreddit`, `title`, `post`."""
+        """Reward of each (post, summary); posts need `subreddit`, `title`, `post` (and `id`, if they have one, keys the cache)."""
         from fromfeedback.reward import score_summaries
 
-        todo = sorted({(p.id, t): (p, t) for p, t in zip(posts, texts) if (p.id, t) not in self._cache}.items())
+        todo = sorted({(post_key(p), t): (p, t) for p, t in zip(posts, texts) if (post_key(p), t) not in self._cache}.items())
         if todo:
             model, tokenizer = self._load()
             scores = score_summaries(
@@ -73,7 +78,7 @@ class RewardModelJudge:
                 self.query_max_tokens, self.response_max_tokens, self.batch_size, self.precision,  # type: ignore[arg-type]
             )
             self._cache.update(zip((key for key, _ in todo), scores))
-        return [self._cache[(p.id, t)] for p, t in zip(posts, texts)]
+        return [self._cache[(post_key(p), t)] for p, t in zip(posts, texts)]
 
     def score_queries(self, queries: Sequence[str], texts: Sequence[str]) -> list[float]:
         """Reward of each summary of an already formatted query (e.g. a CNN/DM `ARTICLE: ... TL;DR:`)."""

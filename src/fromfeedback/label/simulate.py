@@ -44,19 +44,16 @@ def random_judge(_post, _text_a: str, _text_b: str) -> float:
 
 
 def reward_model_judge(model_dir: str, batch_size: int = 2) -> Judge:
-    """A judge from a saved reward model: the margin is r(A) - r(B). Thread-safe (one forward at a time)."""
-    from fromfeedback import stage_info
-    from fromfeedback.models import load_scalar_model, load_tokenizer, resolve_model
-    from fromfeedback.reward import score_summaries
+    """A judge from a saved reward model (evaluation's judge): the margin is r(A) - r(B). Thread-safe (one
+    forward at a time)."""
+    from fromfeedback.evaluate.judges import RewardModelJudge
 
-    folder = resolve_model(model_dir)
-    model, tokenizer = load_scalar_model(folder).eval(), load_tokenizer(folder)
-    query_max_tokens = int(stage_info.read(folder).get("query_max_tokens", 512))
+    reward_model = RewardModelJudge(model_dir, batch_size=batch_size)
     lock = threading.Lock()
 
     def judge(post, text_a: str, text_b: str) -> float:
         with lock:
-            score_a, score_b = score_summaries(model, tokenizer, [post, post], [text_a, text_b], query_max_tokens, batch_size=batch_size)
+            score_a, score_b = reward_model.score([post, post], [text_a, text_b])
         return score_a - score_b
 
     return judge
