@@ -38,6 +38,8 @@ train_limit = 8
 query_max_tokens = 96
 bias_limit = 8
 precision = "fp32"
+freeze_embeddings = true
+freeze_layers = 1
 
 [ppo]
 iterations = 2
@@ -95,6 +97,7 @@ def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     assert "[sft] already done" in output and "[rm] already done" in output
+    assert (run_dir / "rm-frozen-layers.pt").exists()  # the judge trained from the proxy RM's frozen-layer states
     for stage in ("judge", "ppo", "samples-sft", "samples-ppo", "best-of-n", "eval-policies", "eval-overoptimization"):
         assert (run_dir / stage / "stage.json").exists(), stage
     summary = json.loads((run_dir / "summary.json").read_text())

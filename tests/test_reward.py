@@ -25,6 +25,7 @@ from fromfeedback.reward import (
     comparison_report,
     confidence_target,
     evaluate_model,
+    frozen_hidden_states,
     group_scores,
     labeler_agreement,
     longer_wins,
@@ -115,6 +116,20 @@ def test_shared_query_scores_equal_the_joined_forward_with_gradients():
     assert torch.allclose(grad_shared, grad_joined, atol=1e-6) and grad_joined.abs().sum() > 0
 
 
+def test_scores_from_the_frozen_layers_hidden_states_equal_the_full_forward():
+    tokenizer = load_tokenizer("tiny-random")
+    model = load_scalar_model("tiny-random")
+    ranking = Ranking("p", "tifu", "a title", "a short post\nwith two lines", ["first answer", "second, longer answer here", "third"], [1, 0, 2])
+    groups = [ranking_group(ranking, tokenizer, 64, 16), PreferenceGroup(tokenizer.encode("other query"), [tokenizer.encode(" yes") + [tokenizer.eos_token_id]] * 2, [(0, 1, 1.0)])]
+    frozen = frozen_hidden_states(model, groups, 1, tokenizer.pad_token_id, "fp32", batch_size=1)
+    assert [len(f.query) for f in frozen] == [len(g.query) for g in groups]
+    assert [[len(r) for r in f.responses] for f in frozen] == [[len(r) for r in g.responses] for g in groups]
+    full = group_scores(model, groups, tokenizer.pad_token_id, "fp32")
+    from_frozen = group_scores(model, groups, tokenizer.pad_token_id, "fp32", frozen, start=1)
+    assert torch.allclose(full, from_frozen, atol=1e-5)
+    assert model.model.model.layers[1].self_attn.layer_idx == 1 and len(model.model.model.layers) == 2  # restored
+
+
 def make_data(root: Path) -> Path:
     """A tiny data folder: 6 rm_train posts compared twice each, 2 rm_valid posts, 3 sft_train references."""
     tldr = root / "tldr"
@@ -199,6 +214,24 @@ def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert scored[0]["policy"] == "good" and scored[0]["score"] > scored[1]["score"]
     assert scored[0]["score"] == pytest.approx(chosen[12], abs=2e-2)  # the RM's own budgets by default (bf16 here)
+
+
+def test_frozen_cache_trains_the_same_model_and_serves_a_second_seed(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "data")
+    values = {
+        "sft": "tiny-random", "data_dir": str(data_dir), "max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "query_max_tokens": 64,
+        "response_max_tokens": 24, "checkpoint_every": 0, "precision": "fp32", "freeze_embeddings": True, "freeze_layers": 1, "eval_split": "",
+    }
+    plain = run_rm_train(build_config(RMConfig, None, "rm", {**values, "out": str(tmp_path / "plain")}))
+    cache = tmp_path / "frozen.pt"
+    cached = run_rm_train(build_config(RMConfig, None, "rm", {**values, "out": str(tmp_path / "cached"), "frozen_cache": str(cache)}))
+    assert cache.exists() and "computed" in capsys.readouterr().out
+    plain_state, cached_state = load_scalar_model(plain).state_dict(), load_scalar_model(cached).state_dict()
+    assert all(torch.allclose(plain_state[name], cached_state[name], atol=1e-5) for name in plain_state)
+    run_rm_train(build_config(RMConfig, None, "rm", {**values, "out": str(tmp_path / "seed1"), "frozen_cache": str(cache), "seed": 1}))
+    assert "read from" in capsys.readouterr().out
+    with pytest.raises(UserError, match="frozen_cache needs"):
+        build_config(RMConfig, None, "rm", {**values, "freeze_layers": 0, "frozen_cache": "memory"})
 
 
 def test_comparison_report_on_a_synthetic_case():

@@ -8,6 +8,7 @@ explicit index, never one inferred from the pad id (the embedded tokenizer's pad
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -190,6 +191,33 @@ def transformer_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList):
             return layers
     raise UserError(f"cannot find the transformer layers of {type(model).__name__} to freeze")
+
+
+@contextlib.contextmanager
+def layer_range(model: PreTrainedModel, start: int, end: int | None = None):
+    """Makes the trunk of `model` run only its layers [start, end). From a layer above 0, give it the hidden
+    states entering that layer as `inputs_embeds`; up to a layer below the top, its output is the hidden
+    states leaving layer end - 1 (the final norm is skipped). The layers are renumbered from 0 meanwhile,
+    so a KV cache built inside works as for a whole model."""
+    trunk = getattr(model, model.base_model_prefix)
+    layers, count, norm = trunk.layers, trunk.config.num_hidden_layers, trunk.norm
+    end = count if end is None else end
+    if start == 0 and end == count:
+        yield
+        return
+    selected = list(layers)[start:end]
+    attention_indices = [layer.self_attn.layer_idx for layer in selected]
+    trunk.layers, trunk.config.num_hidden_layers = nn.ModuleList(selected), end - start
+    for index, layer in enumerate(selected):
+        layer.self_attn.layer_idx = index
+    if end < count:
+        trunk.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        trunk.layers, trunk.config.num_hidden_layers, trunk.norm = layers, count, norm
+        for layer, index in zip(selected, attention_indices):
+            layer.self_attn.layer_idx = index
 
 
 def freeze_lower(model: PreTrainedModel, freeze_layers: int, freeze_embeddings: bool) -> None:

@@ -107,8 +107,11 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
 
     sft = stage("sft", SFTConfig, "sft", run_sft, model=run.base_model, out=str(run_dir / "sft"))
     sft_model = str(run_dir / "sft" / "model")
-    stage("rm", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "rm"))
-    stage("judge", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "judge"), seed=run.judge_seed)
+    # The judge trains like the proxy RM with another seed; with frozen lower layers it reuses their hidden states.
+    rm_table = preset.get("rm", {})
+    frozen_cache = str(run_dir / "rm-frozen-layers.pt") if rm_table.get("freeze_embeddings") and rm_table.get("freeze_layers", 0) > 0 else ""
+    stage("rm", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "rm"), frozen_cache=frozen_cache)
+    stage("judge", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "judge"), seed=run.judge_seed, frozen_cache=frozen_cache)
     rm_model, judge_model = str(run_dir / "rm" / "model"), str(run_dir / "judge" / "model")
     stage("ppo", PPOConfig, "ppo", run_ppo, sft=sft_model, rm=rm_model, out=str(run_dir / "ppo"))
     ppo_model = str(run_dir / "ppo" / "model")
@@ -169,9 +172,8 @@ def write_summary(run_dir: Path, preset_name: str, stages: dict[str, dict[str, A
     """`RUN_DIR/summary.json`: the report's main figures in machine-readable form."""
     rm_eval = _read(run_dir / "rm" / "eval.json")
     policy_eval = _read(run_dir / "eval" / "policy.json")
-    # A stage resumed from its own checkpoints spent time in earlier runs too: prefer its own accounting.
-    seconds = {name: round(_read(run_dir / name / "summary.json").get("train_seconds", done["seconds"]) if name in ("sft", "rm", "judge", "ppo")
-                           else done["seconds"], 1) for name, done in stages.items()}
+    # Wall seconds of each stage (for a stage resumed after an interruption: of its last run only).
+    seconds = {name: round(done["seconds"], 1) for name, done in stages.items()}
     summary = {
         "preset": preset_name,
         "reward_model": {key: rm_eval.get(key) for key in ("comparisons", "accuracy", "accuracy_ci95", "similar_length", "longer_wins", "labeler_agreement")},

@@ -10,7 +10,6 @@ clipped policy and value losses (plus an optional pretraining next-token loss, P
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -33,6 +32,7 @@ from fromfeedback.models import (
     freeze_lower,
     inference_copy,
     join_query_response,
+    layer_range,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -246,21 +246,6 @@ def shared_lower_layers(config: PPOConfig) -> int:
     return config.freeze_layers if config.freeze_embeddings else 0
 
 
-@contextlib.contextmanager
-def upper_layers_only(model, start: int):
-    """Runs `model` from its layer `start` on: give it the hidden states entering that layer as `inputs_embeds`."""
-    trunk = getattr(model, model.base_model_prefix)
-    if start == 0:
-        yield
-        return
-    layers, count = trunk.layers, trunk.config.num_hidden_layers
-    trunk.layers, trunk.config.num_hidden_layers = nn.ModuleList(list(layers)[start:]), count - start
-    try:
-        yield
-    finally:
-        trunk.layers, trunk.config.num_hidden_layers = layers, count
-
-
 def policy_and_values(
     policy, critic: ValueHead | ScalarHeadModel, batch: QueryResponseBatch, temperature: float, lower: torch.Tensor | None = None, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +256,7 @@ def policy_and_values(
     query_width = batch.query_ids.shape[1]
     inputs = {"input_ids": input_ids} if lower is None else {"inputs_embeds": lower}
     trunk = getattr(policy, policy.base_model_prefix)
-    with upper_layers_only(policy, start if lower is not None else 0):
+    with layer_range(policy, start if lower is not None else 0):
         hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, query_width - 1 : -1]
     logits = policy.get_output_embeddings()(hidden) / temperature
@@ -286,7 +271,7 @@ def reference_logits(reference, batch: QueryResponseBatch, lower: torch.Tensor |
     if lower is None:
         return response_logits(reference, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     _, attention_mask, position_ids = join_query_response(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    with upper_layers_only(reference, start):
+    with layer_range(reference, start):
         output = reference(
             inputs_embeds=lower, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=batch.response_ids.shape[1] + 1, use_cache=False
         )

@@ -143,6 +143,10 @@ class RMConfig:
     """Freeze the token embeddings."""
     freeze_layers: int = 0
     """Freeze the lowest N transformer layers (cheaper backward on CPU)."""
+    frozen_cache: str = ""
+    """Run the frozen layers (freeze_embeddings and freeze_layers > 0) once per training comparison instead of
+    once per epoch: `memory`, or a file that keeps their hidden states for the next reward model trained on
+    the same comparisons from the same model (another seed: the pipeline's judge). '' turns it off."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware supports it), bf16 or fp32."""
     bias_split: str = "sft_train"
@@ -169,6 +173,8 @@ class RMConfig:
             raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
+        if self.frozen_cache and not (self.freeze_embeddings and self.freeze_layers > 0):
+            raise UserError("frozen_cache needs frozen lower layers: set freeze_embeddings = true and freeze_layers > 0, or frozen_cache = ''")
 
 
 @dataclass
@@ -224,39 +230,151 @@ def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Ten
     return (weight * losses).sum()
 
 
-def shared_query_scores(
-    model: ScalarHeadModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-    query_of_row: torch.Tensor,
-) -> torch.Tensor:
-    """Scores [N] of responses [N, R] to queries [G, Q] (left-padded), response i answering query
-    `query_of_row[i]`. Each query runs through the trunk once; its keys and values are then shared by all
-    its responses, which on 2 summaries of a ~150-token post cuts the tokens processed by ~40%.
-    Equal to `model(...)` on the joined rows (same positions, same mask), gradients included."""
+def shared_query_hidden(
+    model: ScalarHeadModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
+    query_of_row: torch.Tensor, start: int = 0, end: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states leaving the trunk's layers [start, end) for queries [G, Q] (left-padded) and responses
+    [N, R], response i answering query `query_of_row[i]`. Inputs are token ids, or from a layer `start` > 0
+    the hidden states entering it ([G, Q, H], [N, R, H]). Each query runs once; its keys and values are then
+    shared by all its responses, which on 2 summaries of a ~150-token post cuts the tokens processed by
+    ~40%. Equal to running the joined rows (same positions, same mask), gradients included."""
     from transformers import DynamicCache
 
-    from fromfeedback.models import position_ids_from_mask
+    from fromfeedback.models import layer_range, position_ids_from_mask
+
+    def inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
 
     trunk = getattr(model.model, model.model.base_model_prefix)
-    cache = DynamicCache()
-    trunk(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids_from_mask(query_mask), past_key_values=cache, use_cache=True)
-    cache.reorder_cache(query_of_row)
     attention_mask = torch.cat([query_mask[query_of_row], response_mask], dim=1).long()
-    positions = query_mask.sum(-1)[query_of_row, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
-    hidden = trunk(input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    positions = query_mask.sum(-1)[query_of_row, None] + torch.arange(responses.shape[1], device=responses.device)
+    with layer_range(model.model, start, end):
+        cache = DynamicCache()
+        query_hidden = trunk(**inputs(queries), attention_mask=query_mask, position_ids=position_ids_from_mask(query_mask), past_key_values=cache,
+                             use_cache=True).last_hidden_state
+        cache.reorder_cache(query_of_row)
+        response_hidden = trunk(**inputs(responses), attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    return query_hidden, response_hidden
+
+
+def shared_query_scores(
+    model: ScalarHeadModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
+    query_of_row: torch.Tensor, start: int = 0,
+) -> torch.Tensor:
+    """Scores [N] of responses to shared queries (see `shared_query_hidden`), read at each response's EOS."""
+    _, hidden = shared_query_hidden(model, queries, query_mask, responses, response_mask, query_of_row, start)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.model.score(hidden[rows, eos_index(response_mask)]).squeeze(-1).float() - model.bias
 
 
-def group_scores(model: ScalarHeadModel, groups: Sequence[PreferenceGroup], pad_id: int, precision: str) -> torch.Tensor:
-    """Scores [N] of every response of `groups`, in order, each prompt computed once."""
+@dataclass
+class FrozenHidden:
+    """One preference group's hidden states entering the first trained layer: query [Q, H], responses K × [R, H]."""
+
+    query: torch.Tensor
+    responses: list[torch.Tensor]
+
+
+def stack_left(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, H] rows → zero-padded [B, L, H] aligned right, and its mask [B, L]."""
+    width = max(len(r) for r in rows)
+    stacked = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        stacked[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return stacked, mask
+
+
+def stack_right(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, H] rows → zero-padded [B, L, H] aligned left, and its mask [B, L]."""
+    width = max(len(r) for r in rows)
+    stacked = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        stacked[i, : len(r)], mask[i, : len(r)] = r, 1
+    return stacked, mask
+
+
+def group_scores(
+    model: ScalarHeadModel, groups: Sequence[PreferenceGroup], pad_id: int, precision: str, frozen: Sequence[FrozenHidden] | None = None, start: int = 0
+) -> torch.Tensor:
+    """Scores [N] of every response of `groups`, in order, each prompt computed once; with `frozen` (their
+    hidden states entering layer `start`), only the layers from `start` on run."""
     from fromfeedback.data import pad_left, pad_right
 
     device = next(model.parameters()).device
-    query_ids, query_mask = pad_left([g.query for g in groups], pad_id)
-    response_ids, response_mask = pad_right([r for g in groups for r in g.responses], pad_id)
     query_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])
+    if frozen is None:
+        queries, query_mask = pad_left([g.query for g in groups], pad_id)
+        responses, response_mask = pad_right([r for g in groups for r in g.responses], pad_id)
+    else:
+        queries, query_mask = stack_left([f.query.float() for f in frozen])
+        responses, response_mask = stack_right([r.float() for f in frozen for r in f.responses])
     with autocast(precision, device):  # type: ignore[arg-type]
-        return shared_query_scores(model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device), query_of_row.to(device))
+        return shared_query_scores(
+            model, queries.to(device), query_mask.to(device), responses.to(device), response_mask.to(device), query_of_row.to(device), start if frozen else 0
+        )
+
+
+@torch.no_grad()
+def frozen_hidden_states(model: ScalarHeadModel, groups: Sequence[PreferenceGroup], layers: int, pad_id: int, precision: str, batch_size: int) -> list[FrozenHidden]:
+    """The hidden states entering layer `layers` for every group (bf16 under bf16 autocast), computed once."""
+    from fromfeedback.data import pad_left, pad_right
+
+    device = next(model.parameters()).device
+    dtype = inference_dtype(precision, device)  # type: ignore[arg-type]
+    frozen: list[FrozenHidden] = []
+    for start in progress(range(0, len(groups), batch_size), desc="frozen layers"):
+        chunk = groups[start : start + batch_size]
+        query_ids, query_mask = pad_left([g.query for g in chunk], pad_id)
+        response_ids, response_mask = pad_right([r for g in chunk for r in g.responses], pad_id)
+        query_of_row = torch.tensor([i for i, g in enumerate(chunk) for _ in g.responses])
+        with autocast(precision, device):  # type: ignore[arg-type]
+            query_hidden, response_hidden = shared_query_hidden(
+                model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device), query_of_row.to(device), 0, layers
+            )
+        row = 0
+        for i, group in enumerate(chunk):
+            responses = []
+            for response in group.responses:
+                responses.append(response_hidden[row, : len(response)].to(dtype).cpu().clone())
+                row += 1
+            frozen.append(FrozenHidden(query_hidden[i, query_hidden.shape[1] - len(group.query) :].to(dtype).cpu().clone(), responses))
+    return frozen
+
+
+def frozen_cache_key(model_dir: Path, groups: Sequence[PreferenceGroup], config: RMConfig) -> str:
+    """What the frozen hidden states depend on: the model's weight files, the layers, precision and the tokens."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f"{weights.resolve()}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}".encode())
+    digest.update(f"{config.freeze_layers}:{config.precision}".encode())
+    for group in groups:
+        digest.update(json.dumps([group.query, group.responses]).encode())
+    return digest.hexdigest()
+
+
+def load_or_compute_frozen(model: ScalarHeadModel, model_dir: Path, groups: Sequence[PreferenceGroup], config: RMConfig, pad_id: int) -> list[FrozenHidden]:
+    """The frozen layers' hidden states of `groups`: read from config.frozen_cache when it holds these, else
+    computed (and written there unless it is `memory`)."""
+    key = frozen_cache_key(model_dir, groups, config)
+    path = None if config.frozen_cache == "memory" else Path(config.frozen_cache)
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == key:
+            print(f"frozen layers: hidden states of {len(groups)} prompts read from {path}")
+            return [FrozenHidden(query, responses) for query, responses in saved["hidden"]]
+        print(f"frozen layers: {path} holds other data or another model; computing again")
+    started = time.perf_counter()
+    frozen = frozen_hidden_states(model, groups, config.freeze_layers, pad_id, config.precision, config.eval_batch_size)
+    print(f"frozen layers: hidden states of {len(groups)} prompts computed in {time.perf_counter() - started:.0f}s")
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, "hidden": [(f.query, f.responses) for f in frozen]}, tmp)
+    return frozen
 
 
 def training_groups(config: RMConfig, tokenizer, data_dir: str) -> list[PreferenceGroup]:
@@ -328,6 +446,9 @@ def run_rm_train(config: RMConfig) -> Path:
     state.setdefault("train_cpu_seconds", 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
+    frozen_started = time.perf_counter()
+    frozen = load_or_compute_frozen(model, model_dir, groups, config, pad_id) if config.frozen_cache and start_step < len(plan) else None
+    frozen_seconds = time.perf_counter() - frozen_started
     bar = progress(total=len(plan), initial=start_step, desc="rm")
     for step in range(start_step, len(plan)):
         step_started, cpu_started = time.perf_counter(), time.process_time()
@@ -339,7 +460,8 @@ def run_rm_train(config: RMConfig) -> Path:
         for start in range(0, len(step_groups), config.micro_batch_size):
             micro_groups = step_groups[start : start + config.micro_batch_size]
             better, worse, target, weight = (t.to(device) for t in pair_tensors(micro_groups))
-            scores = group_scores(model, micro_groups, pad_id, config.precision)
+            micro_frozen = [frozen[i] for i in plan[step][start : start + config.micro_batch_size]] if frozen else None
+            scores = group_scores(model, micro_groups, pad_id, config.precision, micro_frozen, config.freeze_layers)
             loss = preference_loss(scores, better, worse, target, weight) / len(step_groups)
             loss.backward()
             loss_total += loss.item()
@@ -383,6 +505,7 @@ def run_rm_train(config: RMConfig) -> Path:
         "seconds_per_step": state["train_seconds"] / max(1, len(plan)),
         # CPU seconds of this process: on a shared machine, CPU seconds / threads estimates the uncontended time.
         "train_cpu_seconds": state["train_cpu_seconds"],
+        "frozen_cache_seconds": frozen_seconds,
         "torch_threads": torch.get_num_threads(),
         "bias": bias,
         "bias_seconds": bias_seconds,
