@@ -47,6 +47,7 @@ def eval_overoptimization(
     split: str = typer.Option("test", "--split", help="Posts: those policy-folder points summarize; samples of other posts are ignored (all: any)."),
     limit: int = typer.Option(0, "--limit", help="Policy-folder points summarize the first N posts only (0: all)."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Longest summary of policy-folder points, in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Policy-folder points are sampled, and their KL measured, at this temperature."),
     data_dir: str = typer.Option("", "--data-dir"),
     batch_size: int = typer.Option(16, "--batch-size"),
     out: str = typer.Option("runs/eval", "--out", help="Folder for overoptimization.json and overoptimization.png."),
@@ -55,7 +56,7 @@ def eval_overoptimization(
     """Proxy and judge reward against KL to SFT for PPO checkpoints, PPO at several β and best-of-N, in one plot."""
     from fromfeedback.evaluate.overoptimization import run_overoptimization
 
-    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size, sft, limit, max_new_tokens)
+    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size, sft, limit, max_new_tokens, temperature)
     if json_output:
         print(json.dumps(result, indent=2))
         return

@@ -92,8 +92,11 @@ def text_statistics(texts: Sequence[str], eos: Sequence[bool | None]) -> dict[st
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, queries: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 8, precision: str = "auto") -> list[float]:
-    """Sum of log π(response token | query, earlier tokens) for each (query, response) of token ids."""
+def sequence_logprobs(
+    model, tokenizer, queries: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 8, precision: str = "auto", temperature: float = 1.0
+) -> list[float]:
+    """Sum of log π(response token | query, earlier tokens) for each (query, response) of token ids, under
+    softmax(logits / temperature)."""
     from fromfeedback.data import QueryResponseBatch
     from fromfeedback.models import response_logits
     from fromfeedback.ops import logprobs_from_logits, masked_sum
@@ -105,6 +108,6 @@ def sequence_logprobs(model, tokenizer, queries: Sequence[list[int]], responses:
         batch = QueryResponseBatch.from_ids(queries[start : start + batch_size], responses[start : start + batch_size], tokenizer.pad_token_id).to(device)
         with autocast(precision, device):
             logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-        token_logprobs = logprobs_from_logits(logits.float(), batch.response_ids)
+        token_logprobs = logprobs_from_logits(logits.float() / temperature, batch.response_ids)
         totals.extend(masked_sum(token_logprobs, batch.response_mask.float(), dim=-1).tolist())
     return totals

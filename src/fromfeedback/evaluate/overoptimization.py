@@ -6,8 +6,9 @@ file per point, given as `--point LABEL=FILE`. Each sample carries
   best-of-N: the analytic log N − (N−1)/N. The point's KL is the mean over its samples.
 - `score` (optional): the proxy (training) RM's score. Without it, pass `--proxy DIR` and it is computed.
 A point may instead name a policy folder (`--point ppo-beta0.05/final=runs/x/ppo/model`, e.g. a
-PPO run's final policy or a saved checkpoint): it then summarizes the split's posts greedily, each
-sample's `kl` is log π − log π_SFT on it (needs `--sft`), and the samples are kept as
+PPO run's final policy or a saved checkpoint): it then summarizes the split's posts by sampling at
+`--temperature` (0.7, as PPO's rollouts and best-of-N), each sample's `kl` is log π − log π_SFT on it at
+that temperature (an unbiased estimate of the KL; needs `--sft`), and the samples are kept as
 OUT/points/<label>.jsonl for the report.
 The part of LABEL before the first `/` names the series the point belongs to and the rest names the
 point: `ppo-beta0.05/iter-40`, `ppo-beta0.01/final`, `best-of-n/N=16`. Points of one series are joined
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fromfeedback.data import load_samples
 from fromfeedback.evaluate.judges import RewardModelJudge
@@ -43,8 +46,12 @@ def point_series(label: str) -> str:
     return label.split("/", 1)[0]
 
 
-def sample_policy_point(label: str, model: str, sft: str, posts: list[Any], out_dir: Path, batch_size: int, max_new_tokens: int = 48) -> Path:
-    """Greedy summaries of `posts` by the policy in `model`, each with its `kl` to the SFT policy."""
+def sample_policy_point(
+    label: str, model: str, sft: str, posts: list[Any], out_dir: Path, batch_size: int, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0
+) -> Path:
+    """A summary of each of `posts` sampled at `temperature` from the policy in `model`, each with its `kl`
+    to the SFT policy at that temperature: the same footing as best-of-N points (the best of N samples of
+    the SFT policy at 0.7, with the analytic KL) and as PPO's training KL."""
     from fromfeedback.data import Sample, make_query, write_samples
     from fromfeedback.evaluate.policy import sample_kls
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
@@ -58,10 +65,11 @@ def sample_policy_point(label: str, model: str, sft: str, posts: list[Any], out_
     policy = load_policy(model_dir, inference_dtype("auto", default_device())).to(default_device()).eval()
     budget = query_budget(model_dir, 0)
     queries = [tokenizer.encode(make_query(p.subreddit, p.title, p.post, tokenizer, budget), add_special_tokens=False) for p in posts]
-    generation = generate(policy, tokenizer, queries, max_new_tokens, batch_size=batch_size, show_progress=True)
+    generator = torch.Generator(device=default_device()).manual_seed(seed)
+    generation = generate(policy, tokenizer, queries, max_new_tokens, temperature, 1.0, batch_size, generator, show_progress=True)
     del policy
     samples = [Sample(p.id, label, text, {"eos": bool(ended)}) for p, text, ended in zip(posts, generation.texts, generation.ended.tolist())]
-    for sample, kl in zip(samples, sample_kls(samples, {p.id: p for p in posts}, str(model_dir), sft, batch_size)):
+    for sample, kl in zip(samples, sample_kls(samples, {p.id: p for p in posts}, str(model_dir), sft, batch_size, temperature)):
         sample.extra["kl"] = kl
     path = out_dir / "points" / (label.replace("/", "_").replace("=", "") + ".jsonl")
     write_samples(path, samples)
@@ -136,7 +144,7 @@ def plot_points(rows: list[dict[str, Any]], path: str | Path, title: str = "Over
 
 def run_overoptimization(
     point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16, sft: str = "", limit: int = 0,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 48, temperature: float = 0.7,
 ) -> dict[str, Any]:
     """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png.
 
@@ -152,7 +160,7 @@ def run_overoptimization(
     posts = {p.id: p for p in post_list}
     for label, path in points.items():
         if Path(path).is_dir():
-            points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size, max_new_tokens))
+            points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size, max_new_tokens, temperature))
     judge = RewardModelJudge(judge_dir, batch_size=batch_size)
     proxy = RewardModelJudge(proxy_dir, batch_size=batch_size) if proxy_dir else None
     rows = measure_points(points, posts, judge, proxy)

@@ -112,11 +112,12 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int = 48) -> list[int]:
     return ids
 
 
-def sample_kls(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int) -> list[float]:
-    """log π(y|x) − log π_SFT(y|x) of each sample in nats, each model with its own query budget.
+def sample_kls(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int, temperature: float = 1.0) -> list[float]:
+    """log π(y|x) − log π_SFT(y|x) of each sample in nats, both under softmax(logits / temperature), each
+    model with its own query budget.
 
-    Their mean over samples drawn from π estimates KL(π ‖ π_SFT); it is unbiased for samples drawn at
-    temperature 1, and on greedy samples it is the log-likelihood ratio of the summaries produced.
+    Their mean over samples drawn from π at that temperature estimates KL(π_T ‖ π_SFT,T) without bias; on
+    greedy samples it is only the log-likelihood ratio of the summaries produced (and can be negative).
     """
     from fromfeedback.data import make_query
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
@@ -131,7 +132,8 @@ def sample_kls(samples: list[Sample], posts: dict[str, Post], policy_dir: str, s
         budget = query_budget(model_dir, 0)
         queries = [tokenizer.encode(make_query(posts[s.post_id].subreddit, posts[s.post_id].title, posts[s.post_id].post, tokenizer, budget), add_special_tokens=False) for s in samples]
         responses = [response_ids(tokenizer, s) for s in samples]
-        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size, precision="fp32"))  # small KLs drown in bf16 noise
+        # fp32: small KLs drown in bf16 noise.
+        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size, precision="fp32", temperature=temperature))
         del model
     return [p - r for p, r in zip(*logprobs)]
 
