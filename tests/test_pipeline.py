@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,9 @@ def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data
     assert 0.5 < summary["reward_model"]["longer_wins"]["accuracy"] < 0.7
     assert {"sft", "ppo", "best-of-2", "openai_ppo_1.3b"} <= set(summary["policies"])
     assert set(summary["stage_seconds"]) >= {"sft", "rm", "judge", "ppo", "eval-policies"}
+    kls = {point["label"]: point["kl"] for point in summary["kl_points"]}
+    assert kls["best-of-n/N=1"] == 0.0 and kls["best-of-n/N=2"] == pytest.approx(math.log(2) - 0.5) and "ppo/final" in kls
+    assert summary["judge"]["accuracy"] is not None
     report = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in report and "openai_ppo_1.3b" in report
 

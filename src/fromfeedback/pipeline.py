@@ -136,8 +136,10 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
         write_json(config.out, result)
         print(format_table(result))
 
+    # KL to SFT is measured where it is a KL: on samples at T = 0.7 (the over-optimization points), not on
+    # these greedy summaries.
     stage("eval-policies", PolicyEvalConfig, "eval", evaluate, samples=policy_samples, judge=f"rm:{judge_model}",
-          baseline="reference", sft=sft_model, policy_models=[f"ppo={ppo_model}"], out=str(eval_dir / "policy.json"), **held_out)
+          baseline="reference", out=str(eval_dir / "policy.json"), **held_out)
 
     points = [f"best-of-n/N={n}={samples_dir / f'best-of-{n}.jsonl'}" for n in run.best_of_n]
     points.append(f"ppo/final={ppo_model}")
@@ -172,12 +174,16 @@ def write_summary(run_dir: Path, preset_name: str, stages: dict[str, dict[str, A
     """`RUN_DIR/summary.json`: the report's main figures in machine-readable form."""
     rm_eval = _read(run_dir / "rm" / "eval.json")
     policy_eval = _read(run_dir / "eval" / "policy.json")
+    overoptimization = _read(run_dir / "eval" / "overoptimization.json")
     # Wall seconds of each stage (for a stage resumed after an interruption: of its last run only).
     seconds = {name: round(done["seconds"], 1) for name, done in stages.items()}
     summary = {
         "preset": preset_name,
         "reward_model": {key: rm_eval.get(key) for key in ("comparisons", "accuracy", "accuracy_ci95", "similar_length", "longer_wins", "labeler_agreement")},
+        "judge": {key: _read(run_dir / "judge" / "eval.json").get(key) for key in ("accuracy", "similar_length")},
         "policies": policy_eval.get("policies", {}),
+        # KL to SFT and proxy/judge reward of T = 0.7 samples: best-of-N (analytic KL) and PPO (estimated).
+        "kl_points": overoptimization.get("points", []),
         "sft": _read(run_dir / "sft" / "summary.json"),
         "ppo": _read(run_dir / "ppo" / "summary.json"),
         "stage_seconds": seconds,
