@@ -58,6 +58,21 @@ def test_overoptimization_points_from_samples_files(tmp_path, data_dir, tiny_mod
         assert row["samples"] == 3 and 0 <= row["judge_win_rate"] <= 1
 
 
+def test_unfinished_samples_get_the_no_eos_score_from_both_models(tmp_path, data_dir, tiny_model_dir):
+    from fromfeedback.evaluate.judges import RewardModelJudge
+    from fromfeedback.evaluate.overoptimization import measure_points
+
+    posts = load_tldr(data_dir, "test")[:2]
+    path = tmp_path / "points.jsonl"
+    write_samples(path, [Sample(posts[0].id, "x", "it ended", {"kl": 1.0, "score": 2.0, "eos": True}),
+                         Sample(posts[1].id, "x", "it never ended and", {"kl": 1.0, "score": 3.0, "eos": False})])
+    judge = RewardModelJudge(tiny_model_dir)
+    finished_judge_score = judge.score([posts[0]], ["it ended"])[0]
+    (row,) = measure_points({"p/1": str(path)}, {p.id: p for p in posts}, judge, None, no_eos_score=-4.0)
+    assert row["proxy_score"] == pytest.approx((2.0 - 4.0) / 2)
+    assert row["judge_score"] == pytest.approx((finished_judge_score - 4.0) / 2, abs=1e-4)
+
+
 def test_samples_without_kl_or_score_are_rejected(tmp_path, data_dir, tiny_model_dir):
     post = load_tldr(data_dir, "test")[0]
     no_kl = tmp_path / "no_kl.jsonl"

@@ -44,6 +44,14 @@ def test_policy_table_on_real_posts(tmp_path, data_dir, test_posts):
     assert "padded" in format_table(result) and "100.0%" in format_table(result)
 
 
+def test_an_unfinished_summary_loses_to_a_finished_one(tmp_path, data_dir, test_posts):
+    looping = write_policy(tmp_path / "looping.jsonl", test_posts, "looping", lambda p: p.reference + " again and again and again", eos=False)
+    config = PolicyEvalConfig(samples=[looping], judge="longer-wins", data_dir=str(data_dir), limit=30)
+    assert evaluate_policies(config, LongerWins())["policies"]["looping"]["win_rate"] == 0.0
+    config.unfinished_loses = False
+    assert evaluate_policies(config, LongerWins())["policies"]["looping"]["win_rate"] == 1.0
+
+
 def test_another_policy_as_baseline(tmp_path, data_dir, test_posts):
     short = write_policy(tmp_path / "short.jsonl", test_posts, "short", lambda p: p.reference.split()[0])
     config = PolicyEvalConfig(samples=[short, "reference"], judge="longer-wins", baseline="short", data_dir=str(data_dir), limit=30)

@@ -113,7 +113,7 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
     stage("rm", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "rm"), frozen_cache=frozen_cache)
     stage("judge", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "judge"), seed=run.judge_seed, frozen_cache=frozen_cache)
     rm_model, judge_model = str(run_dir / "rm" / "model"), str(run_dir / "judge" / "model")
-    stage("ppo", PPOConfig, "ppo", run_ppo, sft=sft_model, rm=rm_model, out=str(run_dir / "ppo"))
+    ppo = stage("ppo", PPOConfig, "ppo", run_ppo, sft=sft_model, rm=rm_model, out=str(run_dir / "ppo"))
     ppo_model = str(run_dir / "ppo" / "model")
 
     samples_dir = run_dir / "samples"
@@ -145,8 +145,8 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
     points.append(f"ppo/final={ppo_model}")
 
     def overoptimization(config: OveroptimizationConfig) -> Any:
-        return run_overoptimization(config.points, judge_model, rm_model, data_dir, run.eval_split, str(eval_dir),
-                                    sft=sft_model, limit=run.eval_limit)
+        return run_overoptimization(config.points, judge_model, rm_model, data_dir, run.eval_split, str(eval_dir), sft=sft_model,
+                                    limit=run.eval_limit, no_eos_score=ppo.no_eos_penalty if ppo.penalize_no_eos else None)
 
     stage("eval-overoptimization", OveroptimizationConfig, "overoptimization", overoptimization, points=points)
     if dry_run:

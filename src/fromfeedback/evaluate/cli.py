@@ -20,6 +20,8 @@ def eval_policy(
     sft: str = typer.Option("", "--sft", help="SFT policy folder, for KL to SFT (with --policy-model)."),
     policy_model: list[str] = typer.Option([], "--policy-model", help="NAME=DIR: the folder of policy NAME, for its KL to SFT."),
     flip_prob: float = typer.Option(0.16, "--flip-prob", help="simulated: judges flip the judge RM's choice with this probability."),
+    unfinished_loses: bool = typer.Option(True, "--unfinished-loses/--judge-unfinished",
+                                          help="A summary without EOS loses to a finished one (default), or is left to the judge."),
     data_dir: str = typer.Option("", "--data-dir", help="Folder with tldr/posts.jsonl."),
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
@@ -31,7 +33,8 @@ def eval_policy(
     from fromfeedback.evaluate.policy import PolicyEvalConfig, evaluate_policies, format_table
     from fromfeedback.files import write_json
 
-    config = PolicyEvalConfig(samples, judge, baseline, data_dir, split, limit, sft, policy_model, flip_prob, batch_size, seed, out)
+    config = PolicyEvalConfig(samples=samples, judge=judge, baseline=baseline, data_dir=data_dir, split=split, limit=limit, sft=sft, policy_models=policy_model,
+                              unfinished_loses=unfinished_loses, flip_prob=flip_prob, batch_size=batch_size, seed=seed, out=out)
     result = evaluate_policies(config, make_judge(judge, flip_prob, batch_size, seed))
     if out:
         write_json(out, result)
@@ -48,6 +51,7 @@ def eval_overoptimization(
     limit: int = typer.Option(0, "--limit", help="Policy-folder points summarize the first N posts only (0: all)."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Longest summary of policy-folder points, in tokens."),
     temperature: float = typer.Option(0.7, "--temperature", help="Policy-folder points are sampled, and their KL measured, at this temperature."),
+    no_eos_score: Optional[float] = typer.Option(None, "--no-eos-score", help="Score of a sample that never ended, for both RMs (as PPO's no_eos_penalty)."),
     data_dir: str = typer.Option("", "--data-dir"),
     batch_size: int = typer.Option(16, "--batch-size"),
     out: str = typer.Option("runs/eval", "--out", help="Folder for overoptimization.json and overoptimization.png."),
@@ -56,7 +60,7 @@ def eval_overoptimization(
     """Proxy and judge reward against KL to SFT for PPO checkpoints, PPO at several β and best-of-N, in one plot."""
     from fromfeedback.evaluate.overoptimization import run_overoptimization
 
-    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size, sft, limit, max_new_tokens, temperature)
+    result = run_overoptimization(point, judge, proxy, data_dir, split, out, batch_size, sft, limit, max_new_tokens, temperature, no_eos_score)
     if json_output:
         print(json.dumps(result, indent=2))
         return

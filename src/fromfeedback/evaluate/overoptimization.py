@@ -76,9 +76,12 @@ def sample_policy_point(
     return path
 
 
-def measure_points(points: dict[str, str], posts: dict[str, Any], judge: RewardModelJudge, proxy: RewardModelJudge | None) -> list[dict[str, Any]]:
+def measure_points(
+    points: dict[str, str], posts: dict[str, Any], judge: RewardModelJudge, proxy: RewardModelJudge | None, no_eos_score: float | None = None
+) -> list[dict[str, Any]]:
     """One row per point (a samples file): KL, proxy score, judge score, and the judge's win rate
-    against the references."""
+    against the references. With `no_eos_score`, a sample that never ended (`eos` false) gets that score
+    from both reward models, as PPO and best-of-N scored it when they optimized."""
     from fromfeedback.evaluate.judges import sigmoid
 
     rows = []
@@ -97,6 +100,10 @@ def measure_points(points: dict[str, str], posts: dict[str, Any], judge: RewardM
         else:
             raise UserError(f"{path}: samples lack a `score` field; pass --proxy DIR to score them with the proxy RM")
         judge_scores = judge.score(chosen, [s.text for s in samples])
+        if no_eos_score is not None:
+            unfinished = [s.extra.get("eos") is False for s in samples]
+            proxy_scores = [no_eos_score if u else score for u, score in zip(unfinished, proxy_scores)]
+            judge_scores = [no_eos_score if u else score for u, score in zip(unfinished, judge_scores)]
         with_reference = [(p, score) for p, score in zip(chosen, judge_scores) if p.reference]
         reference_scores = judge.score([p for p, _ in with_reference], [p.reference for p, _ in with_reference])
         wins = [sigmoid(score - ref) for (_, score), ref in zip(with_reference, reference_scores)]
@@ -144,7 +151,7 @@ def plot_points(rows: list[dict[str, Any]], path: str | Path, title: str = "Over
 
 def run_overoptimization(
     point_items: list[str], judge_dir: str, proxy_dir: str, data_dir: str, split: str, out_dir: str, batch_size: int = 16, sft: str = "", limit: int = 0,
-    max_new_tokens: int = 48, temperature: float = 0.7,
+    max_new_tokens: int = 48, temperature: float = 0.7, no_eos_score: float | None = None,
 ) -> dict[str, Any]:
     """Measures every point, writes OUT/overoptimization.json and OUT/overoptimization.png.
 
@@ -163,7 +170,7 @@ def run_overoptimization(
             points[label] = str(sample_policy_point(label, path, sft, post_list[: limit or None], Path(out_dir), batch_size, max_new_tokens, temperature))
     judge = RewardModelJudge(judge_dir, batch_size=batch_size)
     proxy = RewardModelJudge(proxy_dir, batch_size=batch_size) if proxy_dir else None
-    rows = measure_points(points, posts, judge, proxy)
+    rows = measure_points(points, posts, judge, proxy, no_eos_score)
     plot = plot_points(rows, Path(out_dir) / "overoptimization.png")
     result = {"kind": "overoptimization", "judge": judge.name, "proxy": proxy.name if proxy else "score field", "plot": plot.name, "points": rows}
     write_json(Path(out_dir) / "overoptimization.json", result)

@@ -39,6 +39,10 @@ class PolicyEvalConfig:
     """SFT policy folder: with `policy_models`, KL(policy ‖ SFT) is estimated on each policy's samples."""
     policy_models: list[str] = field(default_factory=list)
     """`NAME=DIR`: the model folder of policy NAME, needed for its KL to the SFT policy."""
+    unfinished_loses: bool = True
+    """A summary that never produced EOS within its token limit (sample `eos` false) loses to a finished one,
+    whatever the judge says: RM judges score truncated, looping text far above finished summaries, and no
+    labeler would. Two unfinished or two finished summaries are left to the judge."""
     flip_prob: float = 0.16
     """For `simulated:` judges: probability that a simulated labeler flips the judge RM's choice."""
     batch_size: int = 16
@@ -144,6 +148,18 @@ def policy_kl(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sf
     return sum(kls) / max(len(kls), 1)
 
 
+def finished(sample: Sample) -> bool:
+    """Whether a summary ended (samples without an `eos` field, such as references, count as finished)."""
+    return sample.extra.get("eos") is not False
+
+
+def finished_first(sample: Sample, baseline: Sample, verdict: float | None) -> float | None:
+    """P(sample preferred): 0 or 1 when exactly one of the two summaries never ended, else the judge's verdict."""
+    if finished(sample) == finished(baseline):
+        return verdict
+    return 1.0 if finished(sample) else 0.0
+
+
 def evaluate_policies(config: PolicyEvalConfig, judge: Judge) -> dict[str, Any]:
     """The table: one row per policy (the baseline's row has no win rate)."""
     from fromfeedback.config import default_data_dir
@@ -176,6 +192,8 @@ def evaluate_policies(config: PolicyEvalConfig, judge: Judge) -> dict[str, Any]:
         if name != config.baseline:
             shared = [i for i in ids if i in baseline]
             verdicts = judge.prefer([post_by_id[i] for i in shared], [by_post[i].text for i in shared], [baseline[i].text for i in shared])
+            if config.unfinished_loses:
+                verdicts = [finished_first(by_post[i], baseline[i], v) for i, v in zip(shared, verdicts)]
             judged = [(i, v) for i, v in zip(shared, verdicts) if v is not None]
             row.update(metrics.win_rate([v for _, v in judged]))
             for post_id, verdict in judged:
