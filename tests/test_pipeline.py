@@ -109,6 +109,7 @@ def test_whole_loop_on_the_tiny_model_survives_a_kill_and_resumes(tmp_path, data
     kls = {point["label"]: point["kl"] for point in summary["kl_points"]}
     assert kls["best-of-n/N=1"] == 0.0 and kls["best-of-n/N=2"] == pytest.approx(math.log(2) - 0.5) and "ppo/final" in kls
     assert summary["judge"]["accuracy"] is not None
+    assert 0 <= summary["judged_against_sft"]["ppo"]["win_rate"] <= 1 and "best-of-2" in summary["judged_against_sft"]
     report = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in report and "openai_ppo_1.3b" in report
 

@@ -132,9 +132,15 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
         policy_samples.insert(2, str(samples_dir / f"best-of-{largest_n}.jsonl"))
 
     def evaluate(config: PolicyEvalConfig) -> None:
-        result = evaluate_policies(config, make_judge(config.judge, config.flip_prob, config.batch_size, config.seed))
+        judge = make_judge(config.judge, config.flip_prob, config.batch_size, config.seed)
+        result = evaluate_policies(config, judge)
         write_json(config.out, result)
         print(format_table(result))
+        # Head to head against the SFT policy, with the same judge (its scores are cached).
+        trained = [path for path in config.samples if not path.startswith("posts:")]
+        head_to_head = evaluate_policies(dataclasses.replace(config, samples=trained, baseline="sft"), judge)
+        write_json(Path(config.out).with_name("policy-vs-sft.json"), head_to_head)
+        print(format_table(head_to_head))
 
     # KL to SFT is measured where it is a KL: on samples at T = 0.7 (the over-optimization points), not on
     # these greedy summaries.
@@ -174,6 +180,7 @@ def write_summary(run_dir: Path, preset_name: str, stages: dict[str, dict[str, A
     """`RUN_DIR/summary.json`: the report's main figures in machine-readable form."""
     rm_eval = _read(run_dir / "rm" / "eval.json")
     policy_eval = _read(run_dir / "eval" / "policy.json")
+    vs_sft = _read(run_dir / "eval" / "policy-vs-sft.json").get("policies", {})
     overoptimization = _read(run_dir / "eval" / "overoptimization.json")
     # Wall seconds of each stage (for a stage resumed after an interruption: of its last run only).
     seconds = {name: round(done["seconds"], 1) for name, done in stages.items()}
@@ -182,6 +189,7 @@ def write_summary(run_dir: Path, preset_name: str, stages: dict[str, dict[str, A
         "reward_model": {key: rm_eval.get(key) for key in ("comparisons", "accuracy", "accuracy_ci95", "similar_length", "longer_wins", "labeler_agreement")},
         "judge": {key: _read(run_dir / "judge" / "eval.json").get(key) for key in ("accuracy", "similar_length")},
         "policies": policy_eval.get("policies", {}),
+        "judged_against_sft": {name: {key: row.get(key) for key in ("win_rate", "ci_low", "ci_high", "lc_win_rate", "n")} for name, row in vs_sft.items() if name != "sft"},
         # KL to SFT and proxy/judge reward of T = 0.7 samples: best-of-N (analytic KL) and PPO (estimated).
         "kl_points": overoptimization.get("points", []),
         "sft": _read(run_dir / "sft" / "summary.json"),
