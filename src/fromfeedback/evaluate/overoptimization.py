@@ -50,8 +50,9 @@ def sample_policy_point(
     label: str, model: str, sft: str, posts: list[Any], out_dir: Path, batch_size: int, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0
 ) -> Path:
     """A summary of each of `posts` sampled at `temperature` from the policy in `model`, each with its `kl`
-    to the SFT policy at that temperature: the same footing as best-of-N points (the best of N samples of
-    the SFT policy at 0.7, with the analytic KL) and as PPO's training KL."""
+    to the SFT policy at that temperature (bf16 where supported: these KLs are ~1 nat, not ~0): the same
+    footing as best-of-N points (the best of N samples of the SFT policy at 0.7, with the analytic KL) and
+    as PPO's training KL."""
     from fromfeedback.data import Sample, make_query, write_samples
     from fromfeedback.evaluate.policy import sample_kls
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
@@ -69,7 +70,7 @@ def sample_policy_point(
     generation = generate(policy, tokenizer, queries, max_new_tokens, temperature, 1.0, batch_size, generator, show_progress=True)
     del policy
     samples = [Sample(p.id, label, text, {"eos": bool(ended)}) for p, text, ended in zip(posts, generation.texts, generation.ended.tolist())]
-    for sample, kl in zip(samples, sample_kls(samples, {p.id: p for p in posts}, str(model_dir), sft, batch_size, temperature)):
+    for sample, kl in zip(samples, sample_kls(samples, {p.id: p for p in posts}, str(model_dir), sft, batch_size, temperature, "auto")):
         sample.extra["kl"] = kl
     path = out_dir / "points" / (label.replace("/", "_").replace("=", "") + ".jsonl")
     write_samples(path, samples)

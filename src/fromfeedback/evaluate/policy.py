@@ -116,28 +116,30 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int = 48) -> list[int]:
     return ids
 
 
-def sample_kls(samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int, temperature: float = 1.0) -> list[float]:
+def sample_kls(
+    samples: list[Sample], posts: dict[str, Post], policy_dir: str, sft_dir: str, batch_size: int, temperature: float = 1.0, precision: str = "fp32"
+) -> list[float]:
     """log π(y|x) − log π_SFT(y|x) of each sample in nats, both under softmax(logits / temperature), each
     model with its own query budget.
 
     Their mean over samples drawn from π at that temperature estimates KL(π_T ‖ π_SFT,T) without bias; on
     greedy samples it is only the log-likelihood ratio of the summaries produced (and can be negative).
+    fp32 by default: KLs near 0 drown in bf16 noise; at ~1 nat bf16 was within 4% of fp32, 3x faster.
     """
     from fromfeedback.data import make_query
     from fromfeedback.models import load_policy, load_tokenizer, resolve_model
-    from fromfeedback.runtime import default_device
+    from fromfeedback.runtime import default_device, inference_dtype
     from fromfeedback.sampling import query_budget
 
     logprobs = []
     for folder in (policy_dir, sft_dir):
         model_dir = resolve_model(folder)
         tokenizer = load_tokenizer(model_dir)
-        model = load_policy(model_dir).to(default_device()).eval()
+        model = load_policy(model_dir, inference_dtype(precision, default_device())).to(default_device()).eval()  # type: ignore[arg-type]
         budget = query_budget(model_dir, 0)
         queries = [tokenizer.encode(make_query(posts[s.post_id].subreddit, posts[s.post_id].title, posts[s.post_id].post, tokenizer, budget), add_special_tokens=False) for s in samples]
         responses = [response_ids(tokenizer, s) for s in samples]
-        # fp32: small KLs drown in bf16 noise.
-        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size, precision="fp32", temperature=temperature))
+        logprobs.append(metrics.sequence_logprobs(model, tokenizer, queries, responses, batch_size, precision, temperature))
         del model
     return [p - r for p, r in zip(*logprobs)]
 
