@@ -11,6 +11,7 @@ clipped policy and value losses (plus an optional pretraining next-token loss, P
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -232,9 +233,7 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        # Zero at the start: the first advantages are then λ-returns of the rewards, not noise from a random
-        # head on hidden states of norm ~50 (which swamped the score signal in the first CPU-preset iterations).
-        nn.init.zeros_(self.linear.weight)
+        nn.init.normal_(self.linear.weight, std=1 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
