@@ -108,8 +108,8 @@ def run_pipeline(preset_name: str, out: str, overrides: list[str] | None = None,
     sft = stage("sft", SFTConfig, "sft", run_sft, model=run.base_model, out=str(run_dir / "sft"))
     sft_model = str(run_dir / "sft" / "model")
     # The judge trains like the proxy RM with another seed; with frozen lower layers it reuses their hidden states.
-    rm_table = preset.get("rm", {})
-    frozen_cache = str(run_dir / "rm-frozen-layers.pt") if rm_table.get("freeze_embeddings") and rm_table.get("freeze_layers", 0) > 0 else ""
+    rm_preset = stage_config(RMConfig, preset, "rm", {}, preset_name)
+    frozen_cache = str(run_dir / "rm-frozen-layers.pt") if rm_preset.freezes_lower_layers else ""
     stage("rm", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "rm"), frozen_cache=frozen_cache)
     stage("judge", RMConfig, "rm", run_rm_train, sft=sft_model, out=str(run_dir / "judge"), seed=run.judge_seed, frozen_cache=frozen_cache)
     rm_model, judge_model = str(run_dir / "rm" / "model"), str(run_dir / "judge" / "model")

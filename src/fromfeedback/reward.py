@@ -164,6 +164,11 @@ class RMConfig:
     seed: int = 0
     """Seed for data order and head initialization."""
 
+    @property
+    def freezes_lower_layers(self) -> bool:
+        """Whether the embeddings and some lowest layers are frozen: their output then never changes (frozen_cache)."""
+        return self.freeze_embeddings and self.freeze_layers > 0
+
     def validate(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise UserError("batch_size and micro_batch_size must be at least 1")
@@ -173,7 +178,7 @@ class RMConfig:
             raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
-        if self.frozen_cache and not (self.freeze_embeddings and self.freeze_layers > 0):
+        if self.frozen_cache and not self.freezes_lower_layers:
             raise UserError("frozen_cache needs frozen lower layers: set freeze_embeddings = true and freeze_layers > 0, or frozen_cache = ''")
 
 
@@ -276,24 +281,26 @@ class FrozenHidden:
     responses: list[torch.Tensor]
 
 
-def stack_left(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L_i, H] rows → zero-padded [B, L, H] aligned right, and its mask [B, L]."""
+def stack_padded(rows: Sequence[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, H] rows → zero-padded [B, L, H] and its mask [B, L]; padded on the left (queries) or the right."""
     width = max(len(r) for r in rows)
     stacked = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        stacked[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+        columns = slice(width - len(r), width) if left else slice(0, len(r))
+        stacked[i, columns], mask[i, columns] = r, 1
     return stacked, mask
 
 
-def stack_right(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L_i, H] rows → zero-padded [B, L, H] aligned left, and its mask [B, L]."""
-    width = max(len(r) for r in rows)
-    stacked = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        stacked[i, : len(r)], mask[i, : len(r)] = r, 1
-    return stacked, mask
+def padded_groups(groups: Sequence[PreferenceGroup], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Query ids and mask [G, Q] (left-padded), response ids and mask [N, R] (right-padded), and the query
+    of each response [N]."""
+    from fromfeedback.data import pad_left, pad_right
+
+    query_ids, query_mask = pad_left([g.query for g in groups], pad_id)
+    response_ids, response_mask = pad_right([r for g in groups for r in g.responses], pad_id)
+    query_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])
+    return query_ids, query_mask, response_ids, response_mask, query_of_row
 
 
 def group_scores(
@@ -301,39 +308,27 @@ def group_scores(
 ) -> torch.Tensor:
     """Scores [N] of every response of `groups`, in order, each prompt computed once; with `frozen` (their
     hidden states entering layer `start`), only the layers from `start` on run."""
-    from fromfeedback.data import pad_left, pad_right
-
     device = next(model.parameters()).device
-    query_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])
-    if frozen is None:
-        queries, query_mask = pad_left([g.query for g in groups], pad_id)
-        responses, response_mask = pad_right([r for g in groups for r in g.responses], pad_id)
-    else:
-        queries, query_mask = stack_left([f.query.float() for f in frozen])
-        responses, response_mask = stack_right([r.float() for f in frozen for r in f.responses])
+    queries, query_mask, responses, response_mask, query_of_row = padded_groups(groups, pad_id)
+    if frozen is not None:
+        queries, _ = stack_padded([f.query.float() for f in frozen], left=True)
+        responses, _ = stack_padded([r.float() for f in frozen for r in f.responses], left=False)
+    tensors = (t.to(device) for t in (queries, query_mask, responses, response_mask, query_of_row))
     with autocast(precision, device):  # type: ignore[arg-type]
-        return shared_query_scores(
-            model, queries.to(device), query_mask.to(device), responses.to(device), response_mask.to(device), query_of_row.to(device), start if frozen else 0
-        )
+        return shared_query_scores(model, *tensors, start if frozen else 0)
 
 
 @torch.no_grad()
 def frozen_hidden_states(model: ScalarHeadModel, groups: Sequence[PreferenceGroup], layers: int, pad_id: int, precision: str, batch_size: int) -> list[FrozenHidden]:
     """The hidden states entering layer `layers` for every group (bf16 under bf16 autocast), computed once."""
-    from fromfeedback.data import pad_left, pad_right
-
     device = next(model.parameters()).device
     dtype = inference_dtype(precision, device)  # type: ignore[arg-type]
     frozen: list[FrozenHidden] = []
     for start in progress(range(0, len(groups), batch_size), desc="frozen layers"):
         chunk = groups[start : start + batch_size]
-        query_ids, query_mask = pad_left([g.query for g in chunk], pad_id)
-        response_ids, response_mask = pad_right([r for g in chunk for r in g.responses], pad_id)
-        query_of_row = torch.tensor([i for i, g in enumerate(chunk) for _ in g.responses])
+        tensors = (t.to(device) for t in padded_groups(chunk, pad_id))
         with autocast(precision, device):  # type: ignore[arg-type]
-            query_hidden, response_hidden = shared_query_hidden(
-                model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device), query_of_row.to(device), 0, layers
-            )
+            query_hidden, response_hidden = shared_query_hidden(model, *tensors, 0, layers)
         row = 0
         for i, group in enumerate(chunk):
             responses = []

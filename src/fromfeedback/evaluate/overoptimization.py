@@ -84,6 +84,7 @@ def measure_points(
     against the references. With `no_eos_score`, a sample that never ended (`eos` false) gets that score
     from both reward models, as PPO and best-of-N scored it when they optimized."""
     from fromfeedback.evaluate.judges import sigmoid
+    from fromfeedback.evaluate.policy import finished
 
     rows = []
     for label, path in points.items():
@@ -102,9 +103,8 @@ def measure_points(
             raise UserError(f"{path}: samples lack a `score` field; pass --proxy DIR to score them with the proxy RM")
         judge_scores = judge.score(chosen, [s.text for s in samples])
         if no_eos_score is not None:
-            unfinished = [s.extra.get("eos") is False for s in samples]
-            proxy_scores = [no_eos_score if u else score for u, score in zip(unfinished, proxy_scores)]
-            judge_scores = [no_eos_score if u else score for u, score in zip(unfinished, judge_scores)]
+            proxy_scores = [score if finished(s) else no_eos_score for s, score in zip(samples, proxy_scores)]
+            judge_scores = [score if finished(s) else no_eos_score for s, score in zip(samples, judge_scores)]
         with_reference = [(p, score) for p, score in zip(chosen, judge_scores) if p.reference]
         reference_scores = judge.score([p for p, _ in with_reference], [p.reference for p, _ in with_reference])
         wins = [sigmoid(score - ref) for (_, score), ref in zip(with_reference, reference_scores)]
