@@ -290,3 +290,30 @@ def test_eval_of_a_missing_split_is_a_user_error(tmp_path):
     data_dir = make_data(tmp_path / "data")
     with pytest.raises(UserError, match="no comparisons in split 'test'"):
         evaluate_model("tiny-random", "test", str(data_dir))
+
+
+def test_weight_averaged_ensemble_is_the_mean_of_members_trained_on_one_frozen_cache(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "data")
+    out = tmp_path / "ensemble"
+    config = build_config(RMConfig, None, "rm", {
+        "sft": "tiny-random", "data_dir": str(data_dir), "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "query_max_tokens": 64,
+        "response_max_tokens": 24, "checkpoint_every": 0, "precision": "fp32", "freeze_embeddings": True, "freeze_layers": 1, "frozen_cache": "memory",
+        "eval_split": "rm_valid", "ensemble": 2, "out": str(out),
+    })
+    model_dir = run_rm_train(config)
+    printed = capsys.readouterr().out
+    assert printed.count("computed in") == 1 and printed.count("read from") == 1  # the frozen layers ran once for both members
+    assert not (out / "frozen-layers.pt").exists()
+    members = [load_scalar_model(out / f"member-{i}" / "model").model.state_dict() for i in range(2)]
+    averaged = load_scalar_model(model_dir).model.state_dict()
+    trained = [name for name in averaged if not torch.equal(members[0][name], members[1][name])]
+    assert trained and all(".layers.0." not in name for name in trained)  # data order differs; the frozen layer does not
+    assert any("score" in name for name in trained)
+    for name in averaged:
+        assert torch.allclose(averaged[name], (members[0][name] + members[1][name]) / 2, atol=1e-6)
+    assert all(torch.equal(averaged[name], members[0][name]) for name in averaged if name not in trained)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and "rm_valid_accuracy" in summary and (out / "eval.json").exists()
+    assert load_scalar_model(model_dir).bias == pytest.approx(summary["bias"])
+    with pytest.raises(UserError, match="ensemble must be"):
+        build_config(RMConfig, None, "rm", {"ensemble": 0})

@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,12 @@ class RMConfig:
     """Write metrics every N steps."""
     seed: int = 0
     """Seed for data order and head initialization."""
+    data_seed: int = -1
+    """Seed of the data order alone (-1: seed); ensemble members differ only in this."""
+    ensemble: int = 1
+    """Train N reward models that differ only in data order (data seeds seed … seed+N−1, the head starting
+    from the same init, each in OUT/member-I) and average their weights into one model (WARM, Ramé et al.
+    2024): one model to run, less variance than any member. With frozen_cache the lower layers run once."""
 
     @property
     def freezes_lower_layers(self) -> bool:
@@ -178,6 +184,8 @@ class RMConfig:
             raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
+        if self.ensemble < 1:
+            raise UserError(f"ensemble must be at least 1 (1: a single reward model), got {self.ensemble}")
         if self.frozen_cache and not self.freezes_lower_layers:
             raise UserError("frozen_cache needs frozen lower layers: set freeze_embeddings = true and freeze_layers > 0, or frozen_cache = ''")
 
@@ -403,6 +411,8 @@ def run_rm_train(config: RMConfig) -> Path:
     if (out / "summary.json").exists() and final_dir.exists():
         print(f"reward model already trained in {out}; delete {out / 'summary.json'} to train again")
         return final_dir
+    if config.ensemble > 1:
+        return run_rm_ensemble(config)
     device = default_device()
     seed_everything(config.seed)
     model_dir = resolve_model(config.sft)
@@ -414,7 +424,7 @@ def run_rm_train(config: RMConfig) -> Path:
 
     data_dir = config.data_dir or default_data_dir()
     groups = training_groups(config, tokenizer, data_dir)
-    plan = batch_plan(len(groups), config.batch_size, config.epochs, config.max_steps, config.seed)
+    plan = batch_plan(len(groups), config.batch_size, config.epochs, config.max_steps, config.seed if config.data_seed < 0 else config.data_seed)
 
     head = list(model.model.score.parameters())
     head_ids = {id(p) for p in head}
@@ -480,19 +490,6 @@ def run_rm_train(config: RMConfig) -> Path:
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < len(plan):
             checkpointer.save(done, {"model": model}, optimizer, state)
     bar.close()
-
-    model.eval()
-    bias_started = time.perf_counter()
-    bias_posts = load_tldr(data_dir, config.bias_split)[: config.bias_limit or None]
-    scorer = ScalarHeadModel(inference_copy(model.model, inference_dtype(config.precision, device)))  # type: ignore[arg-type]
-    bias = normalize_bias(scorer, tokenizer, bias_posts, config)
-    model.set_bias(bias)
-    bias_seconds = time.perf_counter() - bias_started
-    with atomic_path(final_dir) as tmp:
-        model.save(tmp, tokenizer)
-        stage_info.write(tmp, stage="rm", base_model=str(config.sft), query_max_tokens=config.query_max_tokens,
-                         response_max_tokens=config.response_max_tokens, reward_bias=bias, bias_split=config.bias_split,
-                         bias_posts=len(bias_posts))
     summary: dict[str, Any] = {
         "prompts": len(groups),
         "steps": len(plan),
@@ -502,11 +499,29 @@ def run_rm_train(config: RMConfig) -> Path:
         "train_cpu_seconds": state["train_cpu_seconds"],
         "frozen_cache_seconds": frozen_seconds,
         "torch_threads": torch.get_num_threads(),
-        "bias": bias,
-        "bias_seconds": bias_seconds,
         "resumed_at_step": start_step,
-        "peak_memory_mib": peak_memory_mb(device),
     }
+    finish_reward_model(model, tokenizer, config, data_dir, summary, logger, len(plan))
+    return final_dir
+
+
+def finish_reward_model(model: ScalarHeadModel, tokenizer, config: RMConfig, data_dir: str, summary: dict[str, Any], logger: MetricsLogger | None = None,
+                        step: int = 0) -> None:
+    """Sets the reference bias, saves OUT/model, evaluates on config.eval_split and writes OUT/summary.json."""
+    out, device = Path(config.out), next(model.parameters()).device
+    final_dir = out / "model"
+    model.eval()
+    bias_started = time.perf_counter()
+    bias_posts = load_tldr(data_dir, config.bias_split)[: config.bias_limit or None]
+    scorer = ScalarHeadModel(inference_copy(model.model, inference_dtype(config.precision, device)))  # type: ignore[arg-type]
+    bias = normalize_bias(scorer, tokenizer, bias_posts, config)
+    model.set_bias(bias)
+    summary.update({"bias": bias, "bias_seconds": time.perf_counter() - bias_started})
+    with atomic_path(final_dir) as tmp:
+        model.save(tmp, tokenizer)
+        stage_info.write(tmp, stage="rm", base_model=str(config.sft), query_max_tokens=config.query_max_tokens,
+                         response_max_tokens=config.response_max_tokens, reward_bias=bias, bias_split=config.bias_split,
+                         bias_posts=len(bias_posts), ensemble=config.ensemble)
     if config.eval_split:
         eval_started = time.perf_counter()
         report = evaluate_model(final_dir, config.eval_split, data_dir, config.eval_batch_size, config.precision, out / f"reliability-{config.eval_split}.png",
@@ -514,13 +529,64 @@ def run_rm_train(config: RMConfig) -> Path:
         write_json(out / "eval.json", report)
         summary["eval_seconds"] = time.perf_counter() - eval_started
         summary.update({f"{config.eval_split}_accuracy": report["accuracy"], f"{config.eval_split}_similar_length_accuracy": report["similar_length"]["accuracy"]})
-        logger.log(len(plan), {"valid_accuracy": report["accuracy"], "valid_similar_length_accuracy": report["similar_length"]["accuracy"]})
-    logger.close()
+        if logger is not None:
+            logger.log(step, {"valid_accuracy": report["accuracy"], "valid_similar_length_accuracy": report["similar_length"]["accuracy"]})
+    if logger is not None:
+        logger.close()
     summary["peak_memory_mib"] = peak_memory_mb(device)
     write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"reward model saved to {final_dir}")
-    return final_dir
+
+
+def average_weights(model_dirs: Sequence[Path]) -> ScalarHeadModel:
+    """The reward model whose every weight is the mean of the same weight in `model_dirs` (models of one
+    architecture fine-tuned from one init); weights equal in all of them (the frozen layers) stay bit-exact."""
+    averaged = load_scalar_model(model_dirs[0])
+    state = averaged.model.state_dict()
+    totals = {name: tensor.clone() for name, tensor in state.items() if tensor.is_floating_point()}
+    differs = dict.fromkeys(totals, False)
+    for other_dir in model_dirs[1:]:
+        other = load_scalar_model(other_dir).model.state_dict()
+        if other.keys() != state.keys() or any(other[name].shape != state[name].shape for name in totals):
+            raise UserError(f"{other_dir} and {model_dirs[0]} are not the same architecture: their weights cannot be averaged")
+        for name in totals:
+            totals[name] += other[name]
+            differs[name] = differs[name] or not torch.equal(other[name], state[name])
+    for name, total in totals.items():
+        if differs[name]:
+            state[name].copy_(total / len(model_dirs))
+    return averaged
+
+
+def run_rm_ensemble(config: RMConfig) -> Path:
+    """Trains config.ensemble members (OUT/member-I, resumable one by one) that differ only in data order, and
+    saves the average of their weights as OUT/model."""
+    out = Path(config.out)
+    # Members share the frozen layers' hidden states; "memory" cannot outlive one member, so they go to a file.
+    cache = str(out / "frozen-layers.pt") if config.frozen_cache == "memory" else config.frozen_cache
+    started = time.perf_counter()
+    members = [
+        run_rm_train(replace(config, ensemble=1, data_seed=config.seed + i, out=str(out / f"member-{i}"), frozen_cache=cache, eval_split=""))
+        for i in range(config.ensemble)
+    ]
+    train_seconds = time.perf_counter() - started
+    model = average_weights(members).to(default_device())
+    tokenizer = load_tokenizer(members[0])
+    member_summaries = [json.loads((m.parent / "summary.json").read_text()) for m in members]
+    write_json(out / "config.json", asdict(config))
+    summary: dict[str, Any] = {
+        "members": [str(m) for m in members],
+        "prompts": member_summaries[0]["prompts"],
+        "steps": sum(m["steps"] for m in member_summaries),
+        "train_seconds": sum(m["train_seconds"] for m in member_summaries),
+        "frozen_cache_seconds": sum(m["frozen_cache_seconds"] for m in member_summaries),
+        "ensemble_seconds": train_seconds,
+    }
+    finish_reward_model(model, tokenizer, config, config.data_dir or default_data_dir(), summary)
+    if config.frozen_cache == "memory":
+        Path(cache).unlink(missing_ok=True)
+    return out / "model"
 
 
 # ----------------------------------------------------------------------------------------------
