@@ -38,6 +38,42 @@ def test_sft_lowers_the_loss_and_saves_a_plain_hf_folder(tmp_path, data_dir):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
+def test_eos_loss_weight_scales_only_the_eos_tokens_loss(tiny_model_dir):
+    from fromfeedback.data import QueryResponseBatch
+    from fromfeedback.models import load_policy, load_tokenizer, response_logits
+    from fromfeedback.ops import logprobs_from_logits
+    from fromfeedback.sft import response_nll
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    # Two responses: one ends with EOS, one was cut before it (no EOS to weight).
+    batch = QueryResponseBatch.from_ids([[5, 6, 7], [8, 9]], [[11, 12, eos], [13, 14]], tokenizer.pad_token_id)
+    plain, count = response_nll(model, batch, "fp32")
+    weighted, weighted_count = response_nll(model, batch, "fp32", eos, 4.0)
+    with torch.no_grad():
+        logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+        eos_logprob = logprobs_from_logits(logits, batch.response_ids)[0, 2]
+    assert count == weighted_count == 5
+    assert float(weighted) == pytest.approx(float(plain) - 3 * float(eos_logprob), rel=1e-5)
+    assert float(response_nll(model, batch, "fp32", eos, 1.0)[0]) == pytest.approx(float(plain))
+
+
+def test_repetition_unlikelihood_matches_a_hand_computation():
+    from fromfeedback.sft import repetition_unlikelihood
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    a, b, c = 1, 2, 3
+    ids = torch.tensor([[a, b, a, c]])
+    p = torch.softmax(logits, dim=-1)[0]
+    # t=1 (target b): a; t=2 (target a): b; t=3 (target c): a and b, the repeated a counted once.
+    terms = [p[1, a], p[2, b], p[3, a], p[3, b]]
+    expected = -sum(torch.log(1 - q) for q in terms)
+    assert float(repetition_unlikelihood(logits, ids, torch.ones(1, 4))) == pytest.approx(float(expected), rel=1e-5)
+    # A padded last position contributes nothing (and is no candidate).
+    assert float(repetition_unlikelihood(logits, ids, torch.tensor([[1, 1, 1, 0]]))) == pytest.approx(float(-sum(torch.log(1 - q) for q in terms[:2])), rel=1e-5)
+
+
 def test_frozen_layers_do_not_change(tmp_path, data_dir, tiny_model_dir):
     config = build_config(SFTConfig, None, "sft", tiny_args(data_dir, tmp_path / "run", max_steps=2, freeze_layers=1, freeze_embeddings=True))
     before = load_file(tiny_model_dir / "model.safetensors")

@@ -60,6 +60,14 @@ class SFTConfig:
     """Freeze the token embeddings (and the tied LM head)."""
     freeze_layers: int = 0
     """Freeze the lowest N transformer layers (cheaper backward on CPU)."""
+    eos_loss_weight: float = 1.0
+    """Training weight of each reference's EOS token relative to its other tokens (validation loss stays the
+    plain per-token mean). Above 1 it teaches a small model to stop where a summary ends: a 135M model
+    trained briefly tends to repeat its first sentence under greedy decoding instead of emitting EOS."""
+    unlikelihood_coef: float = 0.0
+    """Weight α of the token-level unlikelihood loss (Welleck et al. 2019): at each reference token, −log(1 − p)
+    for every earlier response token that is not the target, which discourages the repetition loops a small
+    model falls into under greedy decoding (0: off; validation loss stays the plain per-token mean)."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware supports it), bf16 or fp32."""
     checkpoint_every: int = 50
@@ -80,6 +88,10 @@ class SFTConfig:
             raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
+        if self.unlikelihood_coef < 0:
+            raise UserError(f"unlikelihood_coef must be 0 (off) or positive, got {self.unlikelihood_coef}")
+        if self.eos_loss_weight <= 0:
+            raise UserError(f"eos_loss_weight must be positive (1: every token counts the same), got {self.eos_loss_weight}")
 
 
 def tokenize_pairs(posts, tokenizer, query_max_tokens: int, response_max_tokens: int) -> list[tuple[list[int], list[int]]]:
@@ -93,13 +105,39 @@ def tokenize_pairs(posts, tokenizer, query_max_tokens: int, response_max_tokens:
     return pairs
 
 
-def response_nll(model, batch: QueryResponseBatch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the response tokens, and their count."""
+def repetition_unlikelihood(logits: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al. 2019), summed: Σ_t Σ_c −log(1 − p(c | <t)) over the
+    candidates c of position t: the distinct tokens at earlier response positions that differ from the
+    target at t. logits [B, R, V] predict response_ids [B, R]."""
+    width = response_ids.shape[1]
+    valid = response_mask.bool()
+    earlier = torch.ones(width, width, dtype=torch.bool, device=logits.device).tril(-1)  # [t, j]: j < t
+    same = response_ids[:, :, None] == response_ids[:, None, :]  # [B, t, j]: token t equals token j
+    # Count each distinct earlier token once: j is a candidate only at its first occurrence.
+    first_occurrence = ~(same & earlier).any(-1)  # [B, j]
+    candidates = earlier & ~same & first_occurrence[:, None, :] & valid[:, None, :] & valid[:, :, None]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    candidate_probs = log_probs.gather(-1, response_ids[:, None, :].expand(-1, width, -1)).exp()  # [B, t, j]: p(token j at t)
+    return -(torch.log1p(-candidate_probs.clamp(max=1 - 1e-5)) * candidates).sum()
+
+
+def response_nll(
+    model, batch: QueryResponseBatch, precision: str, eos_id: int | None = None, eos_weight: float = 1.0, unlikelihood_coef: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed training loss of the response tokens and their count: the negative log-likelihood (EOS tokens,
+    id `eos_id`, weighted by `eos_weight`), plus `unlikelihood_coef` × the repetition unlikelihood. With the
+    defaults, the plain summed NLL."""
     device = batch.query_ids.device
     with autocast(precision, device):
         logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     logprobs = logprobs_from_logits(logits, batch.response_ids)
-    return -masked_sum(logprobs, batch.response_mask), batch.response_mask.sum()
+    weights = batch.response_mask.float()
+    if eos_weight != 1.0 and eos_id is not None:
+        weights = torch.where((batch.response_ids == eos_id) & batch.response_mask.bool(), eos_weight, weights)
+    loss = -masked_sum(logprobs, weights)
+    if unlikelihood_coef:
+        loss = loss + unlikelihood_coef * repetition_unlikelihood(logits, batch.response_ids, batch.response_mask)
+    return loss, batch.response_mask.sum()
 
 
 @torch.no_grad()
@@ -186,7 +224,7 @@ def run_sft(config: SFTConfig) -> Path:
         for start in range(0, len(mine), config.micro_batch_size):
             chunk = mine[start : start + config.micro_batch_size]
             batch = QueryResponseBatch.from_ids([q for q, _ in chunk], [r for _, r in chunk], pad_id).to(device)
-            nll, _ = response_nll(model, batch, config.precision)
+            nll, _ = response_nll(model, batch, config.precision, tokenizer.eos_token_id, config.eos_loss_weight, config.unlikelihood_coef)
             loss = nll / global_tokens * accelerator.num_processes
             accelerator.backward(loss)
             loss_total += float(nll.detach()) / global_tokens
