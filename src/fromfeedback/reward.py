@@ -168,7 +168,8 @@ class RMConfig:
     ensemble: int = 1
     """Train N reward models that differ only in data order (data seeds seed … seed+N−1, the head starting
     from the same init, each in OUT/member-I) and average their weights into one model (WARM, Ramé et al.
-    2024): one model to run, less variance than any member. With frozen_cache the lower layers run once."""
+    2024). With frozen_cache the lower layers run once. On the demo recipe the average scored below its
+    members (configs/best.toml has the figures): measure before relying on it."""
 
     @property
     def freezes_lower_layers(self) -> bool:
