@@ -228,8 +228,17 @@ def test_frozen_cache_trains_the_same_model_and_serves_a_second_seed(tmp_path, c
     assert cache.exists() and "computed" in capsys.readouterr().out
     plain_state, cached_state = load_scalar_model(plain).state_dict(), load_scalar_model(cached).state_dict()
     assert all(torch.allclose(plain_state[name], cached_state[name], atol=1e-5) for name in plain_state)
-    run_rm_train(build_config(RMConfig, None, "rm", {**values, "out": str(tmp_path / "seed1"), "frozen_cache": str(cache), "seed": 1}))
-    assert "read from" in capsys.readouterr().out
+    # With evaluation: the first model computes the evaluation comparisons' frozen layers into a file beside
+    # the cache, the next seed reads both files, and the scores match a full forward.
+    evaluated = {**values, "frozen_cache": str(cache), "eval_split": "rm_valid"}
+    run_rm_train(build_config(RMConfig, None, "rm", {**evaluated, "out": str(tmp_path / "seed1"), "seed": 1}))
+    assert (tmp_path / "frozen-rm_valid.pt").exists() and "computed" in capsys.readouterr().out
+    seed2 = run_rm_train(build_config(RMConfig, None, "rm", {**evaluated, "out": str(tmp_path / "seed2"), "seed": 2}))
+    assert capsys.readouterr().out.count("read from") == 2
+    cached_eval = json.loads((tmp_path / "seed2" / "eval.json").read_text())
+    full_eval = evaluate_model(seed2, "rm_valid", str(data_dir), precision="fp32")
+    assert cached_eval["mean_margin"] == pytest.approx(full_eval["mean_margin"], abs=1e-4)
+    assert cached_eval["accuracy"] == full_eval["accuracy"]
     with pytest.raises(UserError, match="frozen_cache needs"):
         build_config(RMConfig, None, "rm", {**values, "freeze_layers": 0, "frozen_cache": "memory"})
 

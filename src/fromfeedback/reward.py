@@ -332,6 +332,8 @@ def frozen_hidden_states(model: ScalarHeadModel, groups: Sequence[PreferenceGrou
     """The hidden states entering layer `layers` for every group (bf16 under bf16 autocast), computed once."""
     device = next(model.parameters()).device
     dtype = inference_dtype(precision, device)  # type: ignore[arg-type]
+    # Forward only: weights already in bf16 spare autocast from casting them again on every call.
+    model = ScalarHeadModel(inference_copy(model.model, dtype))
     frozen: list[FrozenHidden] = []
     for start in progress(range(0, len(groups), batch_size), desc="frozen layers"):
         chunk = groups[start : start + batch_size]
@@ -379,6 +381,26 @@ def load_or_compute_frozen(model: ScalarHeadModel, model_dir: Path, groups: Sequ
         with atomic_path(path) as tmp:
             torch.save({"key": key, "hidden": [(f.query, f.responses) for f in frozen]}, tmp)
     return frozen
+
+
+@dataclass
+class FrozenLayers:
+    """The frozen lower layers shared by reward models trained from one model: their hidden states for a
+    set of groups are read from `cache` (a file) when it holds them, else computed and written there."""
+
+    base_model: Path
+    """The model the reward models were trained from (its weights key the cache)."""
+    config: RMConfig
+    """Supplies freeze_layers, precision and batch size; its frozen_cache is replaced by `cache`."""
+    cache: str
+    """The file that keeps the hidden states."""
+
+    @property
+    def layers(self) -> int:
+        return self.config.freeze_layers
+
+    def hidden_states(self, model: ScalarHeadModel, groups: Sequence[PreferenceGroup], pad_id: int) -> list[FrozenHidden]:
+        return load_or_compute_frozen(model, self.base_model, groups, replace(self.config, frozen_cache=self.cache), pad_id)
 
 
 def training_groups(config: RMConfig, tokenizer, data_dir: str) -> list[PreferenceGroup]:
@@ -525,8 +547,14 @@ def finish_reward_model(model: ScalarHeadModel, tokenizer, config: RMConfig, dat
                          bias_posts=len(bias_posts), ensemble=config.ensemble)
     if config.eval_split:
         eval_started = time.perf_counter()
+        # With a frozen-layer cache file, the evaluation comparisons' frozen layers go to a file beside it, for the
+        # next reward model trained from the same model (the pipeline's judge).
+        frozen = None
+        if config.frozen_cache and config.frozen_cache != "memory":
+            cache = Path(config.frozen_cache)
+            frozen = FrozenLayers(resolve_model(config.sft), config, str(cache.with_name(f"{cache.stem}-{config.eval_split}{cache.suffix}")))
         report = evaluate_model(final_dir, config.eval_split, data_dir, config.eval_batch_size, config.precision, out / f"reliability-{config.eval_split}.png",
-                                model=scorer, tokenizer=tokenizer)
+                                model=scorer, tokenizer=tokenizer, frozen=frozen)
         write_json(out / "eval.json", report)
         summary["eval_seconds"] = time.perf_counter() - eval_started
         summary.update({f"{config.eval_split}_accuracy": report["accuracy"], f"{config.eval_split}_similar_length_accuracy": report["similar_length"]["accuracy"]})
@@ -682,9 +710,12 @@ def reliability_plot(report: dict[str, Any], path: str | Path, title: str) -> No
 
 @torch.no_grad()
 def score_comparisons(model: ScalarHeadModel, tokenizer, comparisons: Sequence[Comparison], query_max_tokens: int, response_max_tokens: int,
-                      batch_size: int, precision: str, show_progress: bool = True) -> tuple[list[float], list[float]]:
-    """(scores of the chosen summaries, scores of the rejected ones), each post run through the trunk once."""
+                      batch_size: int, precision: str, show_progress: bool = True, frozen: FrozenLayers | None = None) -> tuple[list[float], list[float]]:
+    """(scores of the chosen summaries, scores of the rejected ones), each post run through the trunk once;
+    with `frozen`, the model's frozen lower layers come from there (computed once, shared by reward models
+    trained from the same model)."""
     groups = [comparison_group(c, tokenizer, query_max_tokens, response_max_tokens, soft_labels=False) for c in comparisons]
+    hidden = frozen.hidden_states(model, groups, tokenizer.pad_token_id) if frozen else None
     chosen: list[float] = []
     rejected: list[float] = []
     per_forward = max(1, batch_size // 2)
@@ -692,7 +723,8 @@ def score_comparisons(model: ScalarHeadModel, tokenizer, comparisons: Sequence[C
     for start in range(0, len(groups), per_forward):
         chunk = groups[start : start + per_forward]
         better, worse, _, _ = pair_tensors(chunk)
-        scores = group_scores(model, chunk, tokenizer.pad_token_id, precision).cpu()
+        chunk_hidden = hidden[start : start + per_forward] if hidden else None
+        scores = group_scores(model, chunk, tokenizer.pad_token_id, precision, chunk_hidden, frozen.layers if frozen else 0).cpu()
         chosen.extend(scores[better].tolist())
         rejected.extend(scores[worse].tolist())
         bar.update(len(chunk))
@@ -701,7 +733,8 @@ def score_comparisons(model: ScalarHeadModel, tokenizer, comparisons: Sequence[C
 
 
 def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_size: int = 16, precision: str = "auto", plot: str | Path | None = None,
-                   comparison_files: Sequence[str] | None = None, model: ScalarHeadModel | None = None, tokenizer=None) -> dict[str, Any]:
+                   comparison_files: Sequence[str] | None = None, model: ScalarHeadModel | None = None, tokenizer=None,
+                   frozen: FrozenLayers | None = None) -> dict[str, Any]:
     """The `rm eval` report of a saved reward model on the comparisons of `split`."""
     data_dir = data_dir or default_data_dir()
     info = stage_info.read(resolve_model(model_dir))
@@ -714,7 +747,7 @@ def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_
     if not comparisons:
         raise UserError(f"no comparisons in split {split!r} of {data_dir}")
     query_max_tokens, response_max_tokens = info.get("query_max_tokens", 512), info.get("response_max_tokens", 48)
-    chosen, rejected = score_comparisons(model, tokenizer, comparisons, query_max_tokens, response_max_tokens, batch_size, precision)
+    chosen, rejected = score_comparisons(model, tokenizer, comparisons, query_max_tokens, response_max_tokens, batch_size, precision, frozen=frozen)
     report: dict[str, Any] = {"model": str(model_dir), "split": split, **comparison_report(comparisons, chosen, rejected)}
     report["longer_wins"] = longer_wins(comparisons)
     report["labeler_agreement"] = {"all_comparisons": labeler_agreement(all_comparisons), split: labeler_agreement(comparisons)}
