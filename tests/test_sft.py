@@ -48,14 +48,15 @@ def test_eos_loss_weight_scales_only_the_eos_tokens_loss(tiny_model_dir):
     eos = tokenizer.eos_token_id
     # Two responses: one ends with EOS, one was cut before it (no EOS to weight).
     batch = QueryResponseBatch.from_ids([[5, 6, 7], [8, 9]], [[11, 12, eos], [13, 14]], tokenizer.pad_token_id)
-    plain, count = response_nll(model, batch, "fp32")
-    weighted, weighted_count = response_nll(model, batch, "fp32", eos, 4.0)
     with torch.no_grad():
+        plain, count = response_nll(model, batch, "fp32")
+        weighted, weighted_count = response_nll(model, batch, "fp32", eos, 4.0)
         logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
         eos_logprob = logprobs_from_logits(logits, batch.response_ids)[0, 2]
+        unchanged = response_nll(model, batch, "fp32", eos, 1.0)[0]
     assert count == weighted_count == 5
     assert float(weighted) == pytest.approx(float(plain) - 3 * float(eos_logprob), rel=1e-5)
-    assert float(response_nll(model, batch, "fp32", eos, 1.0)[0]) == pytest.approx(float(plain))
+    assert float(unchanged) == pytest.approx(float(plain))
 
 
 def test_repetition_unlikelihood_matches_a_hand_computation():
