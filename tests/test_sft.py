@@ -70,9 +70,10 @@ def test_repetition_unlikelihood_matches_a_hand_computation():
     # t=1 (target b): a; t=2 (target a): b; t=3 (target c): a and b, the repeated a counted once.
     terms = [p[1, a], p[2, b], p[3, a], p[3, b]]
     expected = -sum(torch.log(1 - q) for q in terms)
-    assert float(repetition_unlikelihood(logits, ids, torch.ones(1, 4))) == pytest.approx(float(expected), rel=1e-5)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    assert float(repetition_unlikelihood(log_probs, ids, torch.ones(1, 4))) == pytest.approx(float(expected), rel=1e-5)
     # A padded last position contributes nothing (and is no candidate).
-    assert float(repetition_unlikelihood(logits, ids, torch.tensor([[1, 1, 1, 0]]))) == pytest.approx(float(-sum(torch.log(1 - q) for q in terms[:2])), rel=1e-5)
+    assert float(repetition_unlikelihood(log_probs, ids, torch.tensor([[1, 1, 1, 0]]))) == pytest.approx(float(-sum(torch.log(1 - q) for q in terms[:2])), rel=1e-5)
 
 
 def test_frozen_layers_do_not_change(tmp_path, data_dir, tiny_model_dir):

@@ -105,18 +105,17 @@ def tokenize_pairs(posts, tokenizer, query_max_tokens: int, response_max_tokens:
     return pairs
 
 
-def repetition_unlikelihood(logits: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def repetition_unlikelihood(log_probs: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Token-level unlikelihood (Welleck et al. 2019), summed: Σ_t Σ_c −log(1 − p(c | <t)) over the
     candidates c of position t: the distinct tokens at earlier response positions that differ from the
-    target at t. logits [B, R, V] predict response_ids [B, R]."""
+    target at t. log_probs [B, R, V] (log-softmax) predict response_ids [B, R]."""
     width = response_ids.shape[1]
     valid = response_mask.bool()
-    earlier = torch.ones(width, width, dtype=torch.bool, device=logits.device).tril(-1)  # [t, j]: j < t
+    earlier = torch.ones(width, width, dtype=torch.bool, device=log_probs.device).tril(-1)  # [t, j]: j < t
     same = response_ids[:, :, None] == response_ids[:, None, :]  # [B, t, j]: token t equals token j
     # Count each distinct earlier token once: j is a candidate only at its first occurrence.
     first_occurrence = ~(same & earlier).any(-1)  # [B, j]
     candidates = earlier & ~same & first_occurrence[:, None, :] & valid[:, None, :] & valid[:, :, None]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
     candidate_probs = log_probs.gather(-1, response_ids[:, None, :].expand(-1, width, -1)).exp()  # [B, t, j]: p(token j at t)
     return -(torch.log1p(-candidate_probs.clamp(max=1 - 1e-5)) * candidates).sum()
 
@@ -130,13 +129,18 @@ def response_nll(
     device = batch.query_ids.device
     with autocast(precision, device):
         logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    logprobs = logprobs_from_logits(logits, batch.response_ids)
+    # The unlikelihood term needs the whole distribution: normalize over the vocabulary once for both terms.
+    log_probs = torch.log_softmax(logits.float(), dim=-1) if unlikelihood_coef else None
+    if log_probs is None:
+        logprobs = logprobs_from_logits(logits, batch.response_ids)
+    else:
+        logprobs = log_probs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     weights = batch.response_mask.float()
     if eos_weight != 1.0 and eos_id is not None:
         weights = torch.where((batch.response_ids == eos_id) & batch.response_mask.bool(), eos_weight, weights)
     loss = -masked_sum(logprobs, weights)
-    if unlikelihood_coef:
-        loss = loss + unlikelihood_coef * repetition_unlikelihood(logits, batch.response_ids, batch.response_mask)
+    if log_probs is not None:
+        loss = loss + unlikelihood_coef * repetition_unlikelihood(log_probs, batch.response_ids, batch.response_mask)
     return loss, batch.response_mask.sum()
 
 
