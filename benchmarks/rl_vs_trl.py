@@ -10,9 +10,10 @@ text, which re-tokenizes to the same ids), episodes per iteration (64), response
 EOS), sampling (temperature 0.7, top_p 1, no top_k), update work (`--epochs` passes over the 64 episodes in
 optimizer steps of 16 episodes, micro-batches of 8: PPO `ppo_epochs`, TRL `num_iterations`), AdamW lr 1e-5,
 grad clipping 1.0, bf16 autocast (TRL `bf16=True`) or fp32, threads, no gradient checkpointing.
-What differs is each method: PPO samples 1 response to each of 64 prompts and learns a value head; RLOO and GRPO
-sample `--generations` (default 2) responses to each of 64/generations prompts and need no value model. PPO
-generates the 64 rollouts in one batch (generation_batch_size 64), as TRL does.
+All three sample `--generations` (default 2) responses to each of 64/generations prompts. What differs is each
+method: PPO learns a value head (and subtracts the other responses' mean score, its `score_baseline =
+leave_one_out`, the demo preset's setting); RLOO and GRPO need no value model. PPO generates the 64 rollouts in
+one batch (generation_batch_size 64), as TRL does, running each prompt once for its responses.
 Each run is its own fresh process (peak RSS = getrusage). Seconds per 64 episodes are the mean over iterations
 after the first (`--iterations 1`: the only one, which then includes warm-up costs).
 Reward per minute: each trainer runs for `--budget-minutes` of training time (whole iterations); the raw
@@ -67,7 +68,7 @@ def worker_ppo(args) -> dict:
             sft=args.model, rm=args.rm, out=out, data_dir=args.data_dir, prompt_splits="sft_train", query_max_tokens=args.query_max_tokens,
             response_max_tokens=args.response_max_tokens, iterations=10**6 if budget_seconds else args.iterations,
             rollout_batch_size=args.episodes, minibatch_size=args.minibatch_size, micro_batch_size=args.micro_batch_size,
-            generation_batch_size=args.episodes, ppo_epochs=args.epochs, lr=1e-5, max_grad_norm=1.0, temperature=0.7, kl_coef=0.05,
+            generation_batch_size=args.episodes, samples_per_prompt=args.generations, score_baseline="leave_one_out", ppo_epochs=args.epochs, lr=1e-5, max_grad_norm=1.0, temperature=0.7, kl_coef=0.05,
             precision=args.precision, checkpoint_every=0, log_samples=0, seed=0,
         )
         score = reward_model_fn(args.rm, config, torch.device("cpu"))
@@ -213,7 +214,7 @@ def main() -> None:
     # (2PT), the policy's and the reference's log-probs (4PT), then `epochs` forward+backward passes (6PT each).
     print(machine_line(args.threads))
     print(f"policy {args.model}, reward model: {rm_note}, {args.episodes} episodes per iteration "
-          f"(PPO: {args.episodes} prompts × 1; RLOO/GRPO: {args.episodes // args.generations} prompts × {args.generations}), "
+          f"({args.episodes // args.generations} prompts × {args.generations} on every side), "
           f"≤ {args.response_max_tokens} new tokens at T=0.7, {args.epochs} epochs of minibatches of {args.minibatch_size} "
           f"(micro-batches of {args.micro_batch_size}), {args.precision}; prompt pool: {len(texts)} sft_train queries of "
           f"{query_tokens:.0f} tokens on average; MFU = P·T·(8 + 6·epochs) per episode against {peak:.0f} GFLOP/s "

@@ -110,6 +110,23 @@ def test_clipped_losses():
     assert vf_clip.item() == pytest.approx(0.0)
 
 
+def test_leave_one_out_baseline_on_a_hand_made_batch():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # Groups of 2: each score minus the other one of its pair.
+    assert ppo.leave_one_out(scores, 2).tolist() == [-1.0, 1.0, -3.0, 3.0]
+    # One group of 4: 1 − (2 + 3 + 6)/3, 2 − (1 + 3 + 6)/3, ...; the centred scores sum to 0.
+    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3])
+    assert torch.allclose(ppo.leave_one_out(scores, 4), expected)
+    assert ppo.leave_one_out(scores, 4).sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_learning_rate_warms_up_then_anneals():
+    config = PPOConfig(lr=3e-4, warmup_iterations=2, iterations=6)
+    assert [ppo.iteration_lr(config, i) for i in range(4)] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])
+    config.lr_anneal = True
+    assert [ppo.iteration_lr(config, i) for i in (0, 3)] == pytest.approx([1e-4 * (1 - 0 / 6), 3e-4 * (1 - 3 / 6)])
+
+
 def test_adaptive_kl_controller_moves_beta_towards_target():
     fixed = KLController(0.05)
     fixed.update(100.0, 64)
@@ -133,6 +150,10 @@ def test_config_errors_are_user_errors(tmp_path):
         PPOConfig(rollout_batch_size=10, minibatch_size=4).validate()
     with pytest.raises(UserError, match="value_model"):
         PPOConfig(value_model="big").validate()
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        PPOConfig(rollout_batch_size=64, samples_per_prompt=3).validate()
+    with pytest.raises(UserError, match="at least 2"):
+        PPOConfig(score_baseline="leave_one_out").validate()
     with pytest.raises(UserError, match="--sft"):
         run_ppo(PPOConfig(out=str(tmp_path / "ppo")))
 
@@ -221,6 +242,7 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path, monkeypatch,
         "--generation-batch-size", "8", "--response-max-tokens", "6", "--query-max-tokens", "128", "--ppo-epochs", "2",
         "--lr", "1e-3", "--ptx-coef", "0.1", "--ptx-batch-size", "2", "--adaptive-kl", "true", "--kl-horizon", "100",
         "--checkpoint-every", "2", "--precision", "fp32", "--penalize-no-eos", "false", "--freeze-embeddings", "true", "--freeze-layers", "1",
+        "--samples-per-prompt", "2", "--score-baseline", "leave_one_out", "--warmup-iterations", "1",
     ]
     main(["ppo", *args, "--out", str(tmp_path / "straight")])
 

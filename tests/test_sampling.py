@@ -96,3 +96,24 @@ def test_batch_helpers(tokenizer):
     batch = QueryResponseBatch.from_ids([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
     assert batch.query_ids.tolist() == [[1, 2, 3], [0, 0, 4]] and batch.query_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch.response_ids.tolist() == [[5, 0], [6, 7]] and batch.response_lengths.tolist() == [1, 2]
+
+
+def test_samples_per_query_share_the_prompt(tiny_model_dir, tokenizer):
+    """Several responses per query from one prompt pass: greedy ones equal the plain generation, sampled ones
+    are consecutive rows whose log-probs are those of a full forward pass over the repeated queries."""
+    model, queries = _model_and_queries(tiny_model_dir, tokenizer)
+    plain = generate(model, tokenizer, queries, max_new_tokens=8, batch_size=3, precision="fp32")
+    shared = generate(model, tokenizer, queries, max_new_tokens=8, batch_size=4, precision="fp32", samples_per_query=2)
+    assert shared.texts == [text for text in plain.texts for _ in range(2)]
+
+    generator = torch.Generator().manual_seed(0)
+    out = generate(model, tokenizer, queries, max_new_tokens=10, temperature=0.7, batch_size=6, generator=generator, precision="fp32", samples_per_query=2)
+    batch = out.batch
+    assert batch.query_ids.shape[0] == 6
+    for row in range(6):
+        assert batch.query_ids[row][batch.query_mask[row].bool()].tolist() == queries[row // 2]
+    assert any(out.texts[2 * i] != out.texts[2 * i + 1] for i in range(3))
+    with torch.no_grad():
+        logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    recomputed = logprobs_from_logits(logits / 0.7, batch.response_ids) * batch.response_mask
+    assert torch.allclose(recomputed, out.logprobs, atol=1e-3)

@@ -122,8 +122,9 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
     for start in progress(range(0, len(posts), posts_per_chunk), desc=f"best-of-{config.n}"):
         chunk = posts[start : start + posts_per_chunk]
         queries = [tokenizer.encode(make_query(p.subreddit, p.title, p.post, tokenizer, budget), add_special_tokens=False) for p in chunk]
-        repeated = [q for q in queries for _ in range(config.n)]
-        generation = generate(policy, tokenizer, repeated, config.max_new_tokens, config.temperature, 1.0, config.batch_size, generator, config.precision)
+        generation = generate(
+            policy, tokenizer, queries, config.max_new_tokens, config.temperature, 1.0, config.batch_size, generator, config.precision, samples_per_query=config.n
+        )
         scores = reward_fn(generation.batch.to(device)).float().cpu()
         if config.penalize_no_eos:
             scores = penalize_no_eos(scores, generation.ended, config.no_eos_penalty)

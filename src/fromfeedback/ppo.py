@@ -11,7 +11,6 @@ clipped policy and value losses (plus an optional pretraining next-token loss, P
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -69,6 +68,13 @@ class PPOConfig:
     """Rollout-and-update iterations."""
     rollout_batch_size: int = 64
     """Responses sampled per iteration."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of an iteration (rollout_batch_size / this many prompts)."""
+    score_baseline: str = "none"
+    """none: the score enters the reward as it is (the paper); leave_one_out: minus the mean score of the
+    other responses to the same prompt (RLOO's baseline, Ahmadian et al. 2024). It removes how good a
+    summary of this post tends to score, which a young value head cannot predict, without biasing the
+    gradient (the other samples are independent of this one). Needs samples_per_prompt ≥ 2."""
     minibatch_size: int = 16
     """Responses per optimizer step."""
     micro_batch_size: int = 8
@@ -81,6 +87,9 @@ class PPOConfig:
     """Learning rate (AdamW, eps 1e-5)."""
     lr_anneal: bool = False
     """Anneal the learning rate linearly to 0 over the iterations."""
+    warmup_iterations: int = 0
+    """Ramp the learning rate up linearly over the first N iterations. Adam's first steps move every weight by
+    about lr whatever its gradient's noise, which makes the first update far larger than the later ones."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
     temperature: float = 0.7
@@ -133,6 +142,12 @@ class PPOConfig:
     def validate(self) -> None:
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.micro_batch_size:
             raise UserError("rollout_batch_size must be a multiple of minibatch_size, and minibatch_size of micro_batch_size")
+        if self.samples_per_prompt < 1 or self.rollout_batch_size % self.samples_per_prompt:
+            raise UserError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
+        if self.score_baseline not in ("none", "leave_one_out"):
+            raise UserError(f"score_baseline must be none or leave_one_out, got {self.score_baseline!r}")
+        if self.score_baseline == "leave_one_out" and self.samples_per_prompt < 2:
+            raise UserError("score_baseline = leave_one_out needs samples_per_prompt of at least 2")
         if self.value_model not in ("head", "rm"):
             raise UserError(f"value_model must be head or rm, got {self.value_model!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -149,6 +164,13 @@ class PPOConfig:
 def penalize_no_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
     """Scores with those of responses that never produced EOS replaced by `penalty`."""
     return torch.where(ended.to(scores.device), scores, torch.full_like(scores, penalty))
+
+
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of the other scores of its group; groups are consecutive runs of `group_size`."""
+    groups = scores.view(-1, group_size)
+    others_mean = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).view_as(scores)
 
 
 def shaped_rewards(
@@ -228,12 +250,16 @@ class KLController:
 
 
 class ValueHead(nn.Module):
-    """A linear value head on the policy's last hidden states (the value model that shares the trunk)."""
+    """A linear value head on the policy's last hidden states (the value model that shares the trunk).
+
+    Its weights start at zero and its bias at the mean score of the first rollouts: a randomly initialized head
+    predicts values that jump from token to token, and GAE turns those jumps into advantages of random sign on
+    every token before the head has learned anything."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.linear.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -362,7 +388,8 @@ def collect_rollouts(policy, sampler, critic, reference, tokenizer, reward_fn: R
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + iteration)
     started = time.perf_counter()
     generation = generate(
-        sampler, tokenizer, queries, config.response_max_tokens, config.temperature, 1.0, config.generation_batch_size, generator, config.precision
+        sampler, tokenizer, queries, config.response_max_tokens, config.temperature, 1.0, config.generation_batch_size, generator, config.precision,
+        samples_per_query=config.samples_per_prompt,
     )
     timings["seconds_generate"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -445,6 +472,14 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
 
 
 # --- the stage -------------------------------------------------------------------------------------
+
+
+def iteration_lr(config: PPOConfig, iteration: int) -> float:
+    """The learning rate of an iteration (0-based): linear warm-up, then constant or annealed to 0."""
+    scale = min(1.0, (iteration + 1) / (config.warmup_iterations + 1))
+    if config.lr_anneal:
+        scale *= 1 - iteration / config.iterations
+    return config.lr * scale
 
 
 def reward_model_fn(rm_dir: str, config: PPOConfig, device) -> RewardFn:
@@ -546,10 +581,9 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     bar = progress(total=config.iterations, initial=start_iteration, desc="ppo")
     for iteration in range(start_iteration, config.iterations):
         started = time.perf_counter()
-        if config.lr_anneal:
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * (1 - iteration / config.iterations)
-        indices = prompt_indices(iteration, config.rollout_batch_size, len(posts), config.seed)
+        for group in optimizer.param_groups:
+            group["lr"] = iteration_lr(config, iteration)
+        indices = prompt_indices(iteration, config.rollout_batch_size // config.samples_per_prompt, len(posts), config.seed)
         queries = tokenize_prompts(posts, tokenizer, budget, query_cache, indices)
         timings: dict[str, float] = {}
         policy.eval()
@@ -558,7 +592,13 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         policy.train()
         mask = rollouts.batch.response_mask
         kl_coef = kl_controller.value
-        rewards, _ = shaped_rewards(rollouts.scores, rollouts.logprobs, rollouts.ref_logprobs, mask, kl_coef)
+        scores = leave_one_out(rollouts.scores, config.samples_per_prompt) if config.score_baseline == "leave_one_out" else rollouts.scores
+        if iteration == 0 and isinstance(critic, ValueHead):
+            # A zero value is a poor baseline for scores that are all negative (or all positive): the last token,
+            # which gets the score undiscounted, would look worse than every token before it. Start at their mean.
+            critic.linear.bias.data.fill_(float(scores.mean()))
+            rollouts.values = torch.full_like(rollouts.values, float(scores.mean())) * mask
+        rewards, _ = shaped_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, mask, kl_coef)
         advantages, returns = gae(rewards, rollouts.values, mask, config.gamma, config.lam)
         advantages = masked_whiten(advantages, mask)
         update_started = time.perf_counter()

@@ -61,26 +61,36 @@ def generate(
     generator: torch.Generator | None = None,
     precision: Precision = "auto",
     show_progress: bool = False,
+    samples_per_query: int = 1,
 ) -> Generation:
-    """Generates a response for each query (token ids, no padding) in batches of `batch_size`."""
+    """Generates `samples_per_query` responses for each query (token ids, no padding), `batch_size` responses
+    at a time. The responses to one query are consecutive rows, and its prompt is run once: the KV cache of
+    the prompt is repeated for its samples."""
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     responses: list[list[int]] = []
     token_logprobs: list[list[float]] = []
     ended: list[bool] = []
-    starts = range(0, len(queries), batch_size)
+    queries_per_batch = max(1, batch_size // samples_per_query)
+    starts = range(0, len(queries), queries_per_batch)
     for start in progress(starts, desc="generate", enabled=show_progress):
-        query_ids, query_mask = pad_left(queries[start : start + batch_size], pad_id)
+        query_ids, query_mask = pad_left(queries[start : start + queries_per_batch], pad_id)
         query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-        rows = query_ids.shape[0]
+        rows = query_ids.shape[0] * samples_per_query
         attention_mask = query_mask
         position_ids = position_ids_from_mask(attention_mask)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         new_tokens, new_logprobs, alive = [], [], []
         with autocast(precision, device):
             output = model(input_ids=query_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+            next_logits = output.logits[:, -1]
+            if samples_per_query > 1:
+                output.past_key_values.batch_repeat_interleave(samples_per_query)
+                next_logits = next_logits.repeat_interleave(samples_per_query, 0)
+                attention_mask = attention_mask.repeat_interleave(samples_per_query, 0)
+                position_ids = position_ids.repeat_interleave(samples_per_query, 0)
             for _ in range(max_new_tokens):
-                tokens, logprobs = sample_tokens(output.logits[:, -1], temperature, top_p, generator)
+                tokens, logprobs = sample_tokens(next_logits, temperature, top_p, generator)
                 alive.append(~finished)
                 tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
                 new_tokens.append(tokens)
@@ -97,6 +107,7 @@ def generate(
                     past_key_values=output.past_key_values,
                     use_cache=True,
                 )
+                next_logits = output.logits[:, -1]
         token_matrix = torch.stack(new_tokens, 1).cpu()
         alive_matrix = torch.stack(alive, 1).cpu()
         logprob_matrix = torch.stack(new_logprobs, 1).float().cpu()
@@ -105,7 +116,7 @@ def generate(
             responses.append(token_matrix[row, :length].tolist())
             token_logprobs.append(logprob_matrix[row, :length].tolist())
             ended.append(bool(finished[row]))
-    batch = QueryResponseBatch.from_ids(queries, responses, pad_id)
+    batch = QueryResponseBatch.from_ids([q for q in queries for _ in range(samples_per_query)], responses, pad_id)
     logprobs = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
     for row, values in enumerate(token_logprobs):
         logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
