@@ -596,8 +596,9 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         if iteration == 0 and isinstance(critic, ValueHead):
             # A zero value is a poor baseline for scores that are all negative (or all positive): the last token,
             # which gets the score undiscounted, would look worse than every token before it. Start at their mean.
-            critic.linear.bias.data.fill_(float(scores.mean()))
-            rollouts.values = torch.full_like(rollouts.values, float(scores.mean())) * mask
+            start_value = float(scores.mean())
+            critic.linear.bias.data.fill_(start_value)
+            rollouts.values = torch.full_like(rollouts.values, start_value) * mask
         rewards, _ = shaped_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, mask, kl_coef)
         advantages, returns = gae(rewards, rollouts.values, mask, config.gamma, config.lam)
         advantages = masked_whiten(advantages, mask)
