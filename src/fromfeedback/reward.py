@@ -34,11 +34,22 @@ from fromfeedback.data import (
     write_samples,
 )
 from fromfeedback.files import UserError, atomic_path, write_json
-from fromfeedback.models import ScalarHeadModel, count_parameters, freeze_lower, inference_copy, load_scalar_model, load_tokenizer, resolve_model
+from fromfeedback.models import (
+    ScalarHeadModel,
+    count_parameters,
+    freeze_lower,
+    inference_copy,
+    layer_range,
+    load_scalar_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    resolve_model,
+)
 from fromfeedback.runtime import (
     Checkpointer,
     MetricsLogger,
     Precision,
+    adamw,
     autocast,
     batch_plan,
     default_device,
@@ -244,32 +255,53 @@ def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Ten
     return (weight * losses).sum()
 
 
+def shared_query_layout(query_mask: torch.Tensor, response_mask: torch.Tensor, query_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where a query's responses sit when the query [Q] (left-padded) and its responses, each in its own
+    slot of width R, form one row [Q + K·R] (K = the most responses of any query). Returns each response's
+    slot [N], the row's attention mask [G, 1, L, L] (a token sees the real query tokens and the earlier
+    tokens of its own slot, never another response; each token also sees itself, so padding rows stay
+    finite) and the positions [G, L] (a response starts where its query ends, as if joined to it)."""
+    groups, query_width = query_mask.shape
+    responses, width = response_mask.shape
+    counts = torch.bincount(query_of_row, minlength=groups)
+    first_row = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(responses, device=query_of_row.device) - first_row[query_of_row]
+    slots = int(counts.max())
+    slot_mask = response_mask.new_zeros((groups, slots, width))
+    slot_mask[query_of_row, slot] = response_mask
+    real = torch.cat([query_mask, slot_mask.flatten(1)], dim=1).bool()
+    length = query_width + slots * width
+    block = torch.cat([torch.full((query_width,), -1), torch.arange(slots).repeat_interleave(width)]).to(query_mask.device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=query_mask.device).tril()
+    visible = causal & ((block[None, :] == -1) | (block[:, None] == block[None, :]))
+    attention_mask = (visible & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=query_mask.device)
+    response_positions = query_mask.sum(-1, keepdim=True) + torch.arange(width, device=query_mask.device).repeat(slots)
+    positions = torch.cat([position_ids_from_mask(query_mask), response_positions], dim=1)
+    return slot, attention_mask[:, None], positions
+
+
 def shared_query_hidden(
     model: ScalarHeadModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
     query_of_row: torch.Tensor, start: int = 0, end: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states leaving the trunk's layers [start, end) for queries [G, Q] (left-padded) and responses
     [N, R], response i answering query `query_of_row[i]`. Inputs are token ids, or from a layer `start` > 0
-    the hidden states entering it ([G, Q, H], [N, R, H]). Each query runs once; its keys and values are then
-    shared by all its responses, which on 2 summaries of a ~150-token post cuts the tokens processed by
-    ~40%. Equal to running the joined rows (same positions, same mask), gradients included."""
-    from transformers import DynamicCache
-
-    from fromfeedback.models import layer_range, position_ids_from_mask
-
-    def inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
-
+    the hidden states entering it ([G, Q, H], [N, R, H]). Each query and all its responses run as one row
+    (`shared_query_layout`): the query is processed once, which on 2 summaries of a ~150-token post cuts the
+    tokens by ~40%, in a single pass per micro-batch. Equal to running the joined rows, gradients included."""
+    groups, query_width = query_mask.shape
+    width = response_mask.shape[1]
+    slot, attention_mask, positions = shared_query_layout(query_mask, response_mask, query_of_row)
+    slots = (attention_mask.shape[-1] - query_width) // width
+    slotted = responses.new_zeros((groups, slots, *responses.shape[1:]))
+    slotted[query_of_row, slot] = responses
+    rows = torch.cat([queries, slotted.flatten(1, 2)], dim=1)
+    inputs = {"inputs_embeds": rows} if rows.is_floating_point() else {"input_ids": rows}
     trunk = getattr(model.model, model.model.base_model_prefix)
-    attention_mask = torch.cat([query_mask[query_of_row], response_mask], dim=1).long()
-    positions = query_mask.sum(-1)[query_of_row, None] + torch.arange(responses.shape[1], device=responses.device)
     with layer_range(model.model, start, end):
-        cache = DynamicCache()
-        query_hidden = trunk(**inputs(queries), attention_mask=query_mask, position_ids=position_ids_from_mask(query_mask), past_key_values=cache,
-                             use_cache=True).last_hidden_state
-        cache.reorder_cache(query_of_row)
-        response_hidden = trunk(**inputs(responses), attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
-    return query_hidden, response_hidden
+        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    response_hidden = hidden[:, query_width:].unflatten(1, (slots, width))[query_of_row, slot]
+    return hidden[:, :query_width], response_hidden
 
 
 def shared_query_scores(
@@ -453,7 +485,7 @@ def run_rm_train(config: RMConfig) -> Path:
     head_ids = {id(p) for p in head}
     trunk = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     head_lr = config.head_lr or config.lr
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": trunk, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr / config.lr}], lr=config.lr, weight_decay=config.weight_decay
     )
     checkpointer = Checkpointer(out)
