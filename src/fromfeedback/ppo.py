@@ -41,7 +41,7 @@ from fromfeedback.models import (
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
 from fromfeedback.reward import eos_index, score_batch
-from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
 RewardFn = Callable[[QueryResponseBatch], torch.Tensor]
@@ -556,7 +556,7 @@ def run_ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     trainable = [p for module in (policy, critic) for p in module.parameters() if p.requires_grad]
     # A value head on the trunk shares the policy's parameters; count each once.
     trainable = list({id(p): p for p in trainable}.values())
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, eps=1e-5, weight_decay=0.0)
+    optimizer = adamw(trainable, lr=config.lr, eps=1e-5, weight_decay=0.0)
     kl_controller = KLController(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
     checkpointer = Checkpointer(out)
     modules = {"policy": policy, "critic": critic}

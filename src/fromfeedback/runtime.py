@@ -65,6 +65,12 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def adamw(params, lr: float, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW as one fused kernel per step (torch has it for CPU and CUDA; TRL's default `adamw_torch_fused`):
+    0.07 s instead of the default foreach version's 0.20 s per step on 119M parameters on the 2-core CPU."""
+    return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak resident memory of this process (CPU), or peak allocated GPU memory on CUDA, in MiB."""
     if device is not None and device.type == "cuda":

@@ -15,7 +15,7 @@ from fromfeedback.data import QueryResponseBatch, encode_response, load_tldr, ma
 from fromfeedback.files import UserError, atomic_path, write_json
 from fromfeedback.models import count_parameters, freeze_lower, load_policy, load_tokenizer, resolve_model, response_logits
 from fromfeedback.ops import logprobs_from_logits, masked_sum
-from fromfeedback.runtime import Checkpointer, MetricsLogger, autocast, batch_plan, learning_rate, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, batch_plan, learning_rate, peak_memory_mb, progress, seed_everything, use_bf16
 
 
 @dataclass
@@ -189,7 +189,7 @@ def run_sft(config: SFTConfig) -> Path:
     plan = batch_plan(len(train_pairs), config.batch_size, config.epochs, config.max_steps, config.seed)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
     checkpointer = Checkpointer(out)
     start_step, state = 0, {}
     latest = checkpointer.latest()
