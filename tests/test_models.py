@@ -4,7 +4,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fromfeedback.data import QueryResponseBatch, encode_response
 from fromfeedback.files import UserError
-from fromfeedback.models import copy_trainable_weights, freeze_lower, inference_copy, load_policy, load_scalar_model, resolve_model, response_logits
+from fromfeedback.models import (
+    copy_trainable_weights,
+    freeze_lower,
+    inference_copy,
+    load_policy,
+    load_scalar_model,
+    resolve_model,
+    response_logits,
+    shared_query_layout,
+)
 from fromfeedback.reward import eos_index, score_batch
 
 
@@ -93,3 +102,26 @@ def test_scalar_model_reads_the_eos_and_loads_in_plain_transformers(tiny_model_d
     with torch.no_grad():
         plain_scores = plain(**encoded).logits.squeeze(-1)
     assert torch.allclose(plain_scores, scores, atol=1e-4)
+
+
+def test_shared_query_layout_by_hand():
+    # One query (a pad, then 2 tokens) with 2 responses of width 2, the second one token long; a second query
+    # with 1 response. Row: [pad q1 q2 | a1 a2 | b1 b2].
+    query_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    slot, attention_mask, positions = shared_query_layout(query_mask, response_mask, torch.tensor([0, 0, 1]))
+    assert slot.tolist() == [0, 1, 0]
+    assert positions[0].tolist() == [0, 0, 1, 2, 3, 2, 3]
+    assert positions[1].tolist() == [0, 1, 2, 3, 4, 3, 4]
+    assert attention_mask.shape == (2, 1, 7, 7)
+    assert attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],  # the pad sees only itself
+        [0, 1, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0],  # a1: the query and itself
+        [0, 1, 1, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 1, 0],  # b1: the query, not a
+        [0, 1, 1, 0, 0, 1, 1],  # b's pad: itself
+    ]
+    # The second query's empty slot sees the query and itself; its output is never read.
+    assert attention_mask[1, 0, 5:].int().tolist() == [[1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0, 1]]

@@ -154,6 +154,8 @@ def test_config_errors_are_user_errors(tmp_path):
         PPOConfig(rollout_batch_size=64, samples_per_prompt=3).validate()
     with pytest.raises(UserError, match="at least 2"):
         PPOConfig(score_baseline="leave_one_out").validate()
+    with pytest.raises(UserError, match="micro_batch_size"):
+        PPOConfig(rollout_batch_size=48, samples_per_prompt=3, minibatch_size=24, micro_batch_size=8).validate()
     with pytest.raises(UserError, match="--sft"):
         run_ppo(PPOConfig(out=str(tmp_path / "ppo")))
 
@@ -170,13 +172,44 @@ def test_shared_lower_layers_give_the_same_logits_and_values(tiny_model_dir):
     shared = PPOConfig(freeze_layers=1, freeze_embeddings=True, micro_batch_size=2, precision="fp32")
     full = ppo.forward_rollouts(policy, critic, reference, batch, PPOConfig(micro_batch_size=2, precision="fp32"))
     cached = ppo.forward_rollouts(policy, critic, reference, batch, shared)
-    assert full["lower_hidden"] is None and cached["lower_hidden"].shape == (2, 7, policy.config.hidden_size)
+    hidden_size = policy.config.hidden_size
+    assert full["lower_query"] is None and cached["lower_query"].shape == (2, 4, hidden_size) and cached["lower_response"].shape == (2, 3, hidden_size)
     for key in ("logprobs", "ref_logprobs", "values", "entropy"):
         assert torch.allclose(full[key], cached[key], atol=1e-5), key
-    logits, values = ppo.policy_and_values(policy, critic, batch, 0.7, cached["lower_hidden"], start=1)
+    lower = (cached["lower_query"], cached["lower_response"])
+    logits, values = ppo.policy_and_values(policy, critic, batch, 0.7, 1, lower, start=1)
     expected_logits, expected_values = ppo.policy_and_values(policy, critic, batch, 0.7)
     assert torch.allclose(logits, expected_logits, atol=1e-5) and torch.allclose(values, expected_values, atol=1e-5)
     assert len(ppo.transformer_layers(policy)) == policy.config.num_hidden_layers == 2  # restored after the call
+
+
+@pytest.mark.parametrize("value_model", ["head", "rm"])
+def test_a_prompt_run_once_for_its_responses_gives_the_joined_numbers(tiny_model_dir, value_model):
+    """Two prompts × 3 responses: running each prompt once for its responses (one row with a tree mask) gives
+    the logits, values and reference logits of the 6 joined rows, and the same gradients."""
+    from fromfeedback.data import QueryResponseBatch
+    from fromfeedback.models import load_policy, load_scalar_model, response_logits
+
+    torch.manual_seed(0)
+    policy, reference = load_policy(tiny_model_dir), load_policy(tiny_model_dir)
+    critic = ppo.ValueHead(policy.config.hidden_size) if value_model == "head" else load_scalar_model(tiny_model_dir)
+    if value_model == "head":
+        torch.nn.init.normal_(critic.linear.weight)
+    queries = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3
+    responses = [[11, 12, 13], [14], [15, 16], [17, 18], [19, 20, 21, 22], [23]]
+    batch = QueryResponseBatch.from_ids(queries, responses, pad_id=0)
+    grouped_logits, grouped_values = ppo.policy_and_values(policy, critic, batch, 0.7, group_size=3)
+    joined_logits, joined_values = ppo.policy_and_values(policy, critic, batch, 0.7, group_size=1)
+    mask = batch.response_mask.bool()
+    assert grouped_logits.shape == (6, 4, policy.config.vocab_size) and grouped_values.shape == (6, 4)
+    assert torch.allclose(grouped_logits[mask], joined_logits[mask], atol=1e-5)
+    assert torch.allclose(grouped_values[mask], joined_values[mask], atol=1e-5)
+    plain = response_logits(reference, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    assert torch.allclose(ppo.reference_logits(reference, batch, group_size=3)[mask], plain[mask], atol=1e-5)
+    weight = ppo.transformer_layers(policy)[0].self_attn.k_proj.weight  # reaches the responses only through the query's keys
+    (grouped_grad,) = torch.autograd.grad((grouped_logits[mask].logsumexp(-1).sum() + grouped_values[mask].sum()), weight)
+    (joined_grad,) = torch.autograd.grad((joined_logits[mask].logsumexp(-1).sum() + joined_values[mask].sum()), weight)
+    assert torch.allclose(grouped_grad, joined_grad, atol=1e-5) and joined_grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")

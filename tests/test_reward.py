@@ -34,7 +34,6 @@ from fromfeedback.reward import (
     ranking_group,
     run_rm_train,
     score_summaries,
-    shared_query_layout,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -96,29 +95,6 @@ def test_rankings_loader_rejects_a_bad_ranking(tmp_path):
     path.write_text(json.dumps({"post_id": "p", "post": "x", "responses": ["a", "b", "c"], "ranking": [0, 0, 2]}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: field 'ranking'"):
         load_rankings(path)
-
-
-def test_shared_query_layout_by_hand():
-    # One query (a pad, then 2 tokens) with 2 responses of width 2, the second one token long; a second query
-    # with 1 response. Row: [pad q1 q2 | a1 a2 | b1 b2].
-    query_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    response_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
-    slot, attention_mask, positions = shared_query_layout(query_mask, response_mask, torch.tensor([0, 0, 1]))
-    assert slot.tolist() == [0, 1, 0]
-    assert positions[0].tolist() == [0, 0, 1, 2, 3, 2, 3]
-    assert positions[1].tolist() == [0, 1, 2, 3, 4, 3, 4]
-    assert attention_mask.shape == (2, 1, 7, 7)
-    assert attention_mask[0, 0].int().tolist() == [
-        [1, 0, 0, 0, 0, 0, 0],  # the pad sees only itself
-        [0, 1, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 1, 1, 1, 0, 0, 0],  # a1: the query and itself
-        [0, 1, 1, 1, 1, 0, 0],
-        [0, 1, 1, 0, 0, 1, 0],  # b1: the query, not a
-        [0, 1, 1, 0, 0, 1, 1],  # b's pad: itself
-    ]
-    # The second query's empty slot sees the query and itself; its output is never read.
-    assert attention_mask[1, 0, 5:].int().tolist() == [[1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0, 1]]
 
 
 def test_shared_query_scores_equal_the_joined_forward_with_gradients():

@@ -30,17 +30,16 @@ from fromfeedback.models import (
     count_parameters,
     freeze_lower,
     inference_copy,
-    join_query_response,
-    layer_range,
     load_policy,
     load_scalar_model,
     load_tokenizer,
+    predictor_hidden,
     resolve_model,
-    response_logits,
+    shared_query_hidden,
     transformer_layers,
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
-from fromfeedback.reward import eos_index, score_batch
+from fromfeedback.reward import eos_index, shared_query_scores
 from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
@@ -144,6 +143,9 @@ class PPOConfig:
             raise UserError("rollout_batch_size must be a multiple of minibatch_size, and minibatch_size of micro_batch_size")
         if self.samples_per_prompt < 1 or self.rollout_batch_size % self.samples_per_prompt:
             raise UserError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
+        if self.micro_batch_size % self.samples_per_prompt:
+            raise UserError(f"micro_batch_size ({self.micro_batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt}): "
+                            "a prompt's responses run together")
         if self.score_baseline not in ("none", "leave_one_out"):
             raise UserError(f"score_baseline must be none or leave_one_out, got {self.score_baseline!r}")
         if self.score_baseline == "leave_one_out" and self.samples_per_prompt < 2:
@@ -272,36 +274,54 @@ def shared_lower_layers(config: PPOConfig) -> int:
     return config.freeze_layers if config.freeze_embeddings else 0
 
 
+LowerHidden = tuple[torch.Tensor, torch.Tensor]
+"""Hidden states entering the first trained layer: of the queries [G, Q, H] and of the responses [B, R, H]."""
+
+
+def grouped_inputs(batch: QueryResponseBatch, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch whose rows come in runs of `group_size` responses to one query → that query once per run
+    (ids [G, Q], mask [G, Q]) and the query of each row [B]."""
+    rows = batch.query_ids.shape[0]
+    query_of_row = torch.arange(rows, device=batch.query_ids.device) // group_size
+    return batch.query_ids[::group_size], batch.query_mask[::group_size], query_of_row
+
+
+def trunk_hidden(model, batch: QueryResponseBatch, group_size: int, lower: LowerHidden | None = None, start: int = 0, end: int | None = None):
+    """`models.shared_query_hidden` of a grouped batch: each query runs once for its `group_size` responses.
+    From token ids, or with `lower` from layer `start` on; up to layer `end`."""
+    queries, query_mask, query_of_row = grouped_inputs(batch, group_size)
+    query_inputs, response_inputs = (queries, batch.response_ids) if lower is None else lower
+    return shared_query_hidden(model, query_inputs, query_mask, response_inputs, batch.response_mask, query_of_row, start if lower else 0, end)
+
+
+def lower_hidden(policy, batch: QueryResponseBatch, group_size: int, start: int) -> LowerHidden:
+    """The hidden states entering layer `start` (the first trained one) for a grouped batch."""
+    return trunk_hidden(policy, batch, group_size, end=start)
+
+
 def policy_and_values(
-    policy, critic: ValueHead | ScalarHeadModel, batch: QueryResponseBatch, temperature: float, lower: torch.Tensor | None = None, start: int = 0
+    policy, critic: ValueHead | ScalarHeadModel, batch: QueryResponseBatch, temperature: float, group_size: int = 1,
+    lower: LowerHidden | None = None, start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled logits [B, R, V] predicting each response token, and the value [B, R] of the state
-    before each response token (read at the same position as the logits). With `lower` (the hidden states
-    entering layer `start`, [B, Q+R, H]) the policy runs only its layers from `start` on."""
-    input_ids, attention_mask, position_ids = join_query_response(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    query_width = batch.query_ids.shape[1]
-    inputs = {"input_ids": input_ids} if lower is None else {"inputs_embeds": lower}
-    trunk = getattr(policy, policy.base_model_prefix)
-    with layer_range(policy, start if lower is not None else 0):
-        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden = hidden[:, query_width - 1 : -1]
+    before each response token (read at the same position as the logits). The batch's rows come in runs of
+    `group_size` responses to one query, which runs once for them. With `lower` (from `lower_hidden`) the
+    policy runs only its layers from `start` on."""
+    _, _, query_of_row = grouped_inputs(batch, group_size)
+    hidden = predictor_hidden(*trunk_hidden(policy, batch, group_size, lower, start), query_of_row)
     logits = policy.get_output_embeddings()(hidden) / temperature
     if isinstance(critic, ValueHead):
         return logits, critic(hidden)
-    critic_hidden = critic.hidden_states(input_ids, attention_mask, position_ids)[:, query_width - 1 : -1]
+    critic_hidden = predictor_hidden(*trunk_hidden(critic.model, batch, group_size), query_of_row)
     return logits, critic.model.score(critic_hidden).squeeze(-1).float()
 
 
-def reference_logits(reference, batch: QueryResponseBatch, lower: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-    """Logits [B, R, V] of the reference policy, from its layer `start` on when `lower` is given."""
-    if lower is None:
-        return response_logits(reference, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    _, attention_mask, position_ids = join_query_response(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    with layer_range(reference, start):
-        output = reference(
-            inputs_embeds=lower, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=batch.response_ids.shape[1] + 1, use_cache=False
-        )
-    return output.logits[:, :-1]
+def reference_logits(reference, batch: QueryResponseBatch, group_size: int = 1, lower: LowerHidden | None = None, start: int = 0) -> torch.Tensor:
+    """Logits [B, R, V] of the reference policy (grouped as in `policy_and_values`), from its layer `start` on
+    when `lower` is given."""
+    _, _, query_of_row = grouped_inputs(batch, group_size)
+    hidden = predictor_hidden(*trunk_hidden(reference, batch, group_size, lower, start), query_of_row)
+    return reference.get_output_embeddings()(hidden)
 
 
 def trim(batch: QueryResponseBatch) -> tuple[QueryResponseBatch, int, int]:
@@ -331,42 +351,38 @@ class Rollouts:
     values: torch.Tensor
     entropy: torch.Tensor
     """[B, R] entropy of the sampling distribution at each response token."""
-    lower_hidden: torch.Tensor | None
-    """[B, Q+R, H] hidden states entering the first trained layer (when the layers below are shared), else None."""
+    lower_query: torch.Tensor | None
+    """[G, Q, H] hidden states of the queries (one per prompt) entering the first trained layer, when the layers
+    below are shared (else None)."""
+    lower_response: torch.Tensor | None
+    """[B, R, H] the same for the responses."""
 
 
 @torch.no_grad()
 def forward_rollouts(policy, critic, reference, batch: QueryResponseBatch, config: PPOConfig):
-    """Log-probs of the policy and the reference, values and entropies [B, R], by micro-batches; and the
-    hidden states entering the first trained layer [B, Q+R, H] when the lower layers are shared (else None)."""
+    """Log-probs of the policy and the reference, values and entropies [B, R], by micro-batches of whole
+    prompts (each prompt runs once for its samples_per_prompt responses); and, when the lower layers are
+    shared, the hidden states entering the first trained layer (queries [G, Q, H], responses [B, R, H])."""
     device = batch.query_ids.device
     start = shared_lower_layers(config)
-    outputs: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": [], "lower_hidden": []}
+    group_size = config.samples_per_prompt
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in ("logprobs", "ref_logprobs", "values", "entropy", "lower_query", "lower_response")}
     full_width = batch.response_ids.shape[1]
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-    hook = transformer_layers(policy)[start].register_forward_pre_hook(capture, with_kwargs=True) if start else None
-    try:
-        for first in range(0, batch.query_ids.shape[0], config.micro_batch_size):
-            micro, query_start, width = trim(batch.select(range(first, min(first + config.micro_batch_size, batch.query_ids.shape[0]))))
-            with autocast(config.precision, device):
-                logits, values = policy_and_values(policy, critic, micro, config.temperature)
-                lower = captured.pop("hidden") if start else None
-                ref_logits = reference_logits(reference, micro, lower, start)
-            pad = (0, full_width - width)
-            mask = micro.response_mask.float()
-            outputs["logprobs"].append(nn.functional.pad(logprobs_from_logits(logits, micro.response_ids) * mask, pad))
-            outputs["ref_logprobs"].append(nn.functional.pad(logprobs_from_logits(ref_logits / config.temperature, micro.response_ids) * mask, pad))
-            outputs["values"].append(nn.functional.pad(values * mask, pad))
-            outputs["entropy"].append(nn.functional.pad(entropy_from_logits(logits) * mask, pad))
-            if lower is not None:
-                outputs["lower_hidden"].append(nn.functional.pad(lower, (0, 0, query_start, full_width - width)))
-    finally:
-        if hook is not None:
-            hook.remove()
+    for first in range(0, batch.query_ids.shape[0], config.micro_batch_size):
+        micro, query_start, width = trim(batch.select(range(first, min(first + config.micro_batch_size, batch.query_ids.shape[0]))))
+        with autocast(config.precision, device):
+            lower = lower_hidden(policy, micro, group_size, start) if start else None
+            logits, values = policy_and_values(policy, critic, micro, config.temperature, group_size, lower, start)
+            ref_logits = reference_logits(reference, micro, group_size, lower, start)
+        pad = (0, full_width - width)
+        mask = micro.response_mask.float()
+        outputs["logprobs"].append(nn.functional.pad(logprobs_from_logits(logits, micro.response_ids) * mask, pad))
+        outputs["ref_logprobs"].append(nn.functional.pad(logprobs_from_logits(ref_logits / config.temperature, micro.response_ids) * mask, pad))
+        outputs["values"].append(nn.functional.pad(values * mask, pad))
+        outputs["entropy"].append(nn.functional.pad(entropy_from_logits(logits) * mask, pad))
+        if lower is not None:
+            outputs["lower_query"].append(nn.functional.pad(lower[0], (0, 0, query_start, 0)))
+            outputs["lower_response"].append(nn.functional.pad(lower[1], (0, 0, 0, full_width - width)))
     return {name: torch.cat(parts) if parts else None for name, parts in outputs.items()}
 
 
@@ -420,7 +436,8 @@ def ptx_loss(policy, tokenizer, posts, budget: int, config: PPOConfig, rng: rand
 def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advantages, returns, config: PPOConfig, iteration: int, tokenizer, ptx_posts, budget: int) -> dict[str, float]:
     """`ppo_epochs` passes of minibatch steps over the rollouts; returns the mean of each statistic."""
     device = rollouts.batch.query_ids.device
-    n = rollouts.batch.query_ids.shape[0]
+    group_size = config.samples_per_prompt
+    n_groups = rollouts.batch.query_ids.shape[0] // group_size
     order_generator = torch.Generator().manual_seed(config.seed * 7_919 + iteration)
     totals: dict[str, float] = {}
     steps = 0
@@ -429,9 +446,11 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
         totals[name] = totals.get(name, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
 
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(n, generator=order_generator)
-        for mb_start in range(0, n, config.minibatch_size):
-            minibatch = order[mb_start : mb_start + config.minibatch_size]
+        # Minibatches are whole prompts with all their responses (with one response per prompt: responses).
+        order = torch.randperm(n_groups, generator=order_generator)
+        for mb_start in range(0, n_groups, config.minibatch_size // group_size):
+            minibatch_groups = order[mb_start : mb_start + config.minibatch_size // group_size]
+            minibatch = (minibatch_groups[:, None] * group_size + torch.arange(group_size)).flatten()
             # Losses are sums over tokens divided by the minibatch's token count: a per-token mean over
             # the minibatch, whatever the micro-batching.
             tokens = float(rollouts.batch.response_mask[minibatch].sum())
@@ -440,10 +459,10 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
                 micro, query_start, width = trim(rollouts.batch.select(rows))
                 mask = micro.response_mask
                 lower = None
-                if rollouts.lower_hidden is not None:
-                    lower = rollouts.lower_hidden[rows, query_start : rollouts.batch.query_ids.shape[1] + width]
+                if rollouts.lower_query is not None and rollouts.lower_response is not None:
+                    lower = (rollouts.lower_query[rows[::group_size] // group_size, query_start:], rollouts.lower_response[rows, :width])
                 with autocast(config.precision, device):
-                    logits, values = policy_and_values(policy, critic, micro, config.temperature, lower, shared_lower_layers(config))
+                    logits, values = policy_and_values(policy, critic, micro, config.temperature, group_size, lower, shared_lower_layers(config))
                 logprobs = logprobs_from_logits(logits, micro.response_ids)
                 pg_loss, clip_fraction, approx_kl = policy_loss(
                     logprobs, rollouts.logprobs[rows, :width], advantages[rows, :width], mask, config.clip_range, tokens
@@ -488,8 +507,13 @@ def reward_model_fn(rm_dir: str, config: PPOConfig, device) -> RewardFn:
     reward_model = load_scalar_model(rm_dir, inference_dtype(config.precision, device)).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
 
     def score(batch: QueryResponseBatch) -> torch.Tensor:
-        parts = [score_batch(reward_model, batch.select(range(s, min(s + config.micro_batch_size, len(batch.query_ids)))), config.precision)
-                 for s in range(0, len(batch.query_ids), config.micro_batch_size)]
+        # Rows come in runs of samples_per_prompt responses to one query: each query runs once for them.
+        parts = []
+        for first in range(0, len(batch.query_ids), config.micro_batch_size):
+            micro, _, _ = trim(batch.select(range(first, min(first + config.micro_batch_size, len(batch.query_ids)))))
+            queries, query_mask, query_of_row = grouped_inputs(micro, config.samples_per_prompt)
+            with autocast(config.precision, device):  # type: ignore[arg-type]
+                parts.append(shared_query_scores(reward_model, queries, query_mask, micro.response_ids, micro.response_mask, query_of_row))
         return torch.cat(parts)
 
     return score

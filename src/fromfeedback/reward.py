@@ -39,11 +39,10 @@ from fromfeedback.models import (
     count_parameters,
     freeze_lower,
     inference_copy,
-    layer_range,
     load_scalar_model,
     load_tokenizer,
-    position_ids_from_mask,
     resolve_model,
+    shared_query_hidden,
 )
 from fromfeedback.runtime import (
     Checkpointer,
@@ -255,61 +254,12 @@ def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Ten
     return (weight * losses).sum()
 
 
-def shared_query_layout(query_mask: torch.Tensor, response_mask: torch.Tensor, query_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Where a query's responses sit when the query [Q] (left-padded) and its responses, each in its own
-    slot of width R, form one row [Q + K·R] (K = the most responses of any query). Returns each response's
-    slot [N], the row's attention mask [G, 1, L, L] (a token sees the real query tokens and the earlier
-    tokens of its own slot, never another response; each token also sees itself, so padding rows stay
-    finite) and the positions [G, L] (a response starts where its query ends, as if joined to it)."""
-    groups, query_width = query_mask.shape
-    responses, width = response_mask.shape
-    counts = torch.bincount(query_of_row, minlength=groups)
-    first_row = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(responses, device=query_of_row.device) - first_row[query_of_row]
-    slots = int(counts.max())
-    slot_mask = response_mask.new_zeros((groups, slots, width))
-    slot_mask[query_of_row, slot] = response_mask
-    real = torch.cat([query_mask, slot_mask.flatten(1)], dim=1).bool()
-    length = query_width + slots * width
-    block = torch.cat([torch.full((query_width,), -1), torch.arange(slots).repeat_interleave(width)]).to(query_mask.device)
-    causal = torch.ones(length, length, dtype=torch.bool, device=query_mask.device).tril()
-    visible = causal & ((block[None, :] == -1) | (block[:, None] == block[None, :]))
-    attention_mask = (visible & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=query_mask.device)
-    response_positions = query_mask.sum(-1, keepdim=True) + torch.arange(width, device=query_mask.device).repeat(slots)
-    positions = torch.cat([position_ids_from_mask(query_mask), response_positions], dim=1)
-    return slot, attention_mask[:, None], positions
-
-
-def shared_query_hidden(
-    model: ScalarHeadModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
-    query_of_row: torch.Tensor, start: int = 0, end: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states leaving the trunk's layers [start, end) for queries [G, Q] (left-padded) and responses
-    [N, R], response i answering query `query_of_row[i]`. Inputs are token ids, or from a layer `start` > 0
-    the hidden states entering it ([G, Q, H], [N, R, H]). Each query and all its responses run as one row
-    (`shared_query_layout`): the query is processed once, which on 2 summaries of a ~150-token post cuts the
-    tokens by ~40%, in a single pass per micro-batch. Equal to running the joined rows, gradients included."""
-    groups, query_width = query_mask.shape
-    width = response_mask.shape[1]
-    slot, attention_mask, positions = shared_query_layout(query_mask, response_mask, query_of_row)
-    slots = (attention_mask.shape[-1] - query_width) // width
-    slotted = responses.new_zeros((groups, slots, *responses.shape[1:]))
-    slotted[query_of_row, slot] = responses
-    rows = torch.cat([queries, slotted.flatten(1, 2)], dim=1)
-    inputs = {"inputs_embeds": rows} if rows.is_floating_point() else {"input_ids": rows}
-    trunk = getattr(model.model, model.model.base_model_prefix)
-    with layer_range(model.model, start, end):
-        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-    response_hidden = hidden[:, query_width:].unflatten(1, (slots, width))[query_of_row, slot]
-    return hidden[:, :query_width], response_hidden
-
-
 def shared_query_scores(
     model: ScalarHeadModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
     query_of_row: torch.Tensor, start: int = 0,
 ) -> torch.Tensor:
     """Scores [N] of responses to shared queries (see `shared_query_hidden`), read at each response's EOS."""
-    _, hidden = shared_query_hidden(model, queries, query_mask, responses, response_mask, query_of_row, start)
+    _, hidden = shared_query_hidden(model.model, queries, query_mask, responses, response_mask, query_of_row, start)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.model.score(hidden[rows, eos_index(response_mask)]).squeeze(-1).float() - model.bias
 
@@ -371,7 +321,7 @@ def frozen_hidden_states(model: ScalarHeadModel, groups: Sequence[PreferenceGrou
         chunk = groups[start : start + batch_size]
         tensors = (t.to(device) for t in padded_groups(chunk, pad_id))
         with autocast(precision, device):  # type: ignore[arg-type]
-            query_hidden, response_hidden = shared_query_hidden(model, *tensors, 0, layers)
+            query_hidden, response_hidden = shared_query_hidden(model.model, *tensors, 0, layers)
         row = 0
         for i, group in enumerate(chunk):
             responses = []
