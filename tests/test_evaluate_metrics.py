@@ -89,6 +89,9 @@ def test_text_statistics():
     assert stats["eos_rate"] == pytest.approx(0.5)  # the unknown one is left out
     assert stats["repeated_4gram"] == pytest.approx(1 / 3)
     assert metrics.text_statistics(["a"], [None])["eos_rate"] is None
+    assert stats["duplicate_rate"] == 0.0
+    same = metrics.text_statistics(["I'm not sure what to do", "i'm  not sure what to do ", "my landlord kept the deposit", "x"], [True] * 4)
+    assert same["duplicate_rate"] == pytest.approx(0.5)  # case and spacing ignored
 
 
 def test_sequence_logprobs_match_a_full_forward_pass():

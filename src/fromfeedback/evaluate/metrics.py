@@ -7,6 +7,7 @@ Every function takes plain lists, so the same code serves model judges, human la
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,12 +83,17 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
 
 def text_statistics(texts: Sequence[str], eos: Sequence[bool | None]) -> dict[str, float | None]:
-    """Mean length in words, EOS rate (None when no sample records `eos`), share with a repeated 4-gram."""
+    """Mean length in words, EOS rate (None when no sample records `eos`), share with a repeated 4-gram, and
+    share of summaries written word for word for another post too (a policy that found one summary the reward
+    model likes whatever the post, e.g. "I'm not sure what to do", shows here first)."""
     known = [bool(e) for e in eos if e is not None]
+    normalized = [" ".join(t.lower().split()) for t in texts]
+    counts = Counter(normalized)
     return {
         "mean_words": sum(map(word_count, texts)) / max(len(texts), 1),
         "eos_rate": sum(known) / len(known) if known else None,
         "repeated_4gram": sum(repeated_ngram(t, 4) for t in texts) / max(len(texts), 1),
+        "duplicate_rate": sum(counts[t] > 1 for t in normalized) / max(len(texts), 1),
     }
 
 

@@ -238,7 +238,7 @@ def _cell(value: Any, percent: bool = False) -> str:
 TABLE_COLUMNS = [
     ("win rate", "win_rate", True), ("95% CI", None, True), ("length-controlled", "lc_win_rate", True), ("judged", "n", False),
     ("ROUGE-1", "rouge1", False), ("ROUGE-2", "rouge2", False), ("ROUGE-L", "rougeL", False), ("words", "mean_words", False),
-    ("EOS", "eos_rate", True), ("repeated 4-gram", "repeated_4gram", True), ("KL to SFT", "kl", False),
+    ("EOS", "eos_rate", True), ("repeated 4-gram", "repeated_4gram", True), ("duplicates", "duplicate_rate", True), ("KL to SFT", "kl", False),
 ]
 
 
