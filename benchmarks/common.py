@@ -75,11 +75,16 @@ def run_worker(script: str, name: str, argv: list[str], threads: int, timeout: f
 
 def matmul_gflops(dtype_name: str, size: int, min_seconds: float = 1.0) -> float:
     """Best-of-repeats GFLOP/s of a square [size x size] @ [size x size] matmul (2·size³ FLOPs)."""
+    return shape_gflops(dtype_name, size, size, size, min_seconds)
+
+
+def shape_gflops(dtype_name: str, m: int, k: int, n: int, min_seconds: float = 1.0) -> float:
+    """Best-of-repeats GFLOP/s of a [m x k] @ [k x n] matmul (2·m·k·n FLOPs)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
     for _ in range(2):  # warm-up: oneDNN picks and caches its kernel on the first calls
         torch.mm(a, b)
     best, spent = float("inf"), 0.0
@@ -88,7 +93,7 @@ def matmul_gflops(dtype_name: str, size: int, min_seconds: float = 1.0) -> float
         torch.mm(a, b)
         seconds = time.perf_counter() - started
         best, spent = min(best, seconds), spent + seconds
-    return 2 * size**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
 
 
 def measured_peak(dtype_name: str = "bf16", sizes: tuple[int, ...] = (1024, 2048), min_seconds: float = 1.0) -> float:
