@@ -244,17 +244,21 @@ def main() -> None:
         for name in systems:
             result = budget[name]
             if "error" in result or not result.get("iterations"):
-                rows.append([SYSTEMS[name], result.get("error", "no iteration finished")[:60], "", "", "", ""])
+                rows.append([SYSTEMS[name], result.get("error", "no iteration finished")[:60], "", "", "", "", ""])
                 continue
             iterations = result["iterations"]
             slope, minutes = reward_slope(iterations)
             gained[name] = slope
-            rows.append([SYSTEMS[name], minutes, len(iterations), iterations[0]["raw_score"], iterations[-1]["raw_score"], slope])
+            steady = steady_mean([row["seconds_iteration"] for row in iterations], 1) if len(iterations) > 1 else None
+            rows.append([SYSTEMS[name], minutes, len(iterations), steady, iterations[0]["raw_score"], iterations[-1]["raw_score"], slope])
         for name in ("rloo", "grpo"):
-            if gained.get(name) and gained.get("ppo"):
-                rows.append([f"ratio: PPO / {SYSTEMS[name]}", "", "", "", "", ratio(gained["ppo"], gained[name])])
+            if gained.get(name) is not None and gained.get("ppo") is not None:
+                # A ratio of slopes means something only when both trainers gained reward.
+                both_gained = gained[name] > 0 and gained["ppo"] > 0
+                rows.append([f"ratio: PPO / {SYSTEMS[name]}", "", "", "", "", "", ratio(gained["ppo"], gained[name]) if both_gained else "— (a slope ≤ 0)"])
         print_table(f"Reward gained per minute ({args.budget_minutes:g}-minute budget of training time)",
-                    ["trainer", "minutes trained", "iterations", "first score", "last score", "score / minute (fit)"], rows)
+                    ["trainer", "minutes trained", "iterations", "seconds per iteration after the first", "first score", "last score",
+                     "score / minute (fit)"], rows)
 
 
 if __name__ == "__main__":
