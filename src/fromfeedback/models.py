@@ -278,9 +278,9 @@ def shared_query_hidden(
     model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
     query_of_row: torch.Tensor, start: int = 0, end: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states leaving the trunk of `model` (a causal LM or sequence classifier), its layers [start, end), for queries [G, Q] (left-padded) and responses
-    [N, R], response i answering query `query_of_row[i]`. Inputs are token ids, or from a layer `start` > 0
-    the hidden states entering it ([G, Q, H], [N, R, H]). Each query and all its responses run as one row
+    """Hidden states leaving layers [start, end) of the trunk of `model` (a causal LM or a sequence classifier)
+    for queries [G, Q] (left-padded) and responses [N, R], response i answering query `query_of_row[i]`.
+    Inputs are token ids, or from a layer `start` > 0 the hidden states entering it ([G, Q, H], [N, R, H]). Each query and all its responses run as one row
     (`shared_query_layout`): the query is processed once, which on 2 summaries of a ~150-token post cuts the
     tokens by ~40%, in a single pass per micro-batch. Equal to running the joined rows, gradients included."""
     groups, query_width = query_mask.shape

@@ -512,7 +512,7 @@ def reward_model_fn(rm_dir: str, config: PPOConfig, device) -> RewardFn:
         for first in range(0, len(batch.query_ids), config.micro_batch_size):
             micro, _, _ = trim(batch.select(range(first, min(first + config.micro_batch_size, len(batch.query_ids)))))
             queries, query_mask, query_of_row = grouped_inputs(micro, config.samples_per_prompt)
-            with autocast(config.precision, device):  # type: ignore[arg-type]
+            with torch.no_grad(), autocast(config.precision, device):  # type: ignore[arg-type]
                 parts.append(shared_query_scores(reward_model, queries, query_mask, micro.response_ids, micro.response_mask, query_of_row))
         return torch.cat(parts)
 
