@@ -116,6 +116,18 @@ def test_shared_query_scores_equal_the_joined_forward_with_gradients():
     assert torch.allclose(grad_shared, grad_joined, atol=1e-6) and grad_joined.abs().sum() > 0
 
 
+def test_scoring_each_query_once_equals_scoring_the_joined_rows():
+    from fromfeedback.data import QueryResponseBatch
+    from fromfeedback.reward import score_batch, score_shared_queries
+
+    torch.manual_seed(0)
+    model = load_scalar_model("tiny-random")
+    model.set_bias(0.5)
+    batch = QueryResponseBatch.from_ids([[5, 6, 7, 8]] * 2 + [[9, 10]] * 2, [[11, 12, 2], [13, 2], [14, 15, 16], [17, 2]], pad_id=0)
+    shared = score_shared_queries(model, batch, group_size=2, precision="fp32", micro_batch_size=2)
+    assert shared.shape == (4,) and torch.allclose(shared, score_batch(model, batch, precision="fp32"), atol=1e-5)
+
+
 def test_scores_from_the_frozen_layers_hidden_states_equal_the_full_forward():
     tokenizer = load_tokenizer("tiny-random")
     model = load_scalar_model("tiny-random")

@@ -18,7 +18,7 @@ from fromfeedback.data import QueryResponseBatch, Sample, load_tldr, make_query,
 from fromfeedback.files import UserError, write_json
 from fromfeedback.models import load_policy, load_scalar_model, load_tokenizer, resolve_model
 from fromfeedback.ppo import penalize_no_eos
-from fromfeedback.reward import score_batch
+from fromfeedback.reward import score_shared_queries
 from fromfeedback.runtime import default_device, inference_dtype, peak_memory_mb, progress, seed_everything
 from fromfeedback.sampling import generate, query_budget
 
@@ -107,7 +107,8 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
         reward_model = load_scalar_model(config.rm, dtype).to(device).eval()
 
         def reward_fn(batch: QueryResponseBatch) -> torch.Tensor:
-            return score_batch(reward_model, batch, config.precision)
+            # The N samples of a post come together: the post runs once for them.
+            return score_shared_queries(reward_model, batch, config.n, config.precision, max(config.n, config.batch_size // config.n * config.n))
 
     posts = load_tldr(config.data_dir or default_data_dir(), config.split)[: config.limit or None]
     if not posts:

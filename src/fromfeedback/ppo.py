@@ -39,7 +39,7 @@ from fromfeedback.models import (
     transformer_layers,
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
-from fromfeedback.reward import eos_index, shared_query_scores
+from fromfeedback.reward import eos_index, score_shared_queries
 from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
@@ -278,18 +278,10 @@ LowerHidden = tuple[torch.Tensor, torch.Tensor]
 """Hidden states entering the first trained layer: of the queries [G, Q, H] and of the responses [B, R, H]."""
 
 
-def grouped_inputs(batch: QueryResponseBatch, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch whose rows come in runs of `group_size` responses to one query → that query once per run
-    (ids [G, Q], mask [G, Q]) and the query of each row [B]."""
-    rows = batch.query_ids.shape[0]
-    query_of_row = torch.arange(rows, device=batch.query_ids.device) // group_size
-    return batch.query_ids[::group_size], batch.query_mask[::group_size], query_of_row
-
-
 def trunk_hidden(model, batch: QueryResponseBatch, group_size: int, lower: LowerHidden | None = None, start: int = 0, end: int | None = None):
     """`models.shared_query_hidden` of a grouped batch: each query runs once for its `group_size` responses.
     From token ids, or with `lower` from layer `start` on; up to layer `end`."""
-    queries, query_mask, query_of_row = grouped_inputs(batch, group_size)
+    queries, query_mask, query_of_row = batch.shared_queries(group_size)
     query_inputs, response_inputs = (queries, batch.response_ids) if lower is None else lower
     return shared_query_hidden(model, query_inputs, query_mask, response_inputs, batch.response_mask, query_of_row, start if lower else 0, end)
 
@@ -307,7 +299,7 @@ def policy_and_values(
     before each response token (read at the same position as the logits). The batch's rows come in runs of
     `group_size` responses to one query, which runs once for them. With `lower` (from `lower_hidden`) the
     policy runs only its layers from `start` on."""
-    _, _, query_of_row = grouped_inputs(batch, group_size)
+    _, _, query_of_row = batch.shared_queries(group_size)
     hidden = predictor_hidden(*trunk_hidden(policy, batch, group_size, lower, start), query_of_row)
     logits = policy.get_output_embeddings()(hidden) / temperature
     if isinstance(critic, ValueHead):
@@ -319,20 +311,9 @@ def policy_and_values(
 def reference_logits(reference, batch: QueryResponseBatch, group_size: int = 1, lower: LowerHidden | None = None, start: int = 0) -> torch.Tensor:
     """Logits [B, R, V] of the reference policy (grouped as in `policy_and_values`), from its layer `start` on
     when `lower` is given."""
-    _, _, query_of_row = grouped_inputs(batch, group_size)
+    _, _, query_of_row = batch.shared_queries(group_size)
     hidden = predictor_hidden(*trunk_hidden(reference, batch, group_size, lower, start), query_of_row)
     return reference.get_output_embeddings()(hidden)
-
-
-def trim(batch: QueryResponseBatch) -> tuple[QueryResponseBatch, int, int]:
-    """The batch without all-padding query columns (left) and response columns (right); with the first query
-    column and the response width kept."""
-    query_start = int(batch.query_mask.any(0).long().argmax())
-    width = max(1, int(batch.response_mask.sum(-1).max()))
-    trimmed = QueryResponseBatch(
-        batch.query_ids[:, query_start:], batch.query_mask[:, query_start:], batch.response_ids[:, :width], batch.response_mask[:, :width]
-    )
-    return trimmed, query_start, width
 
 
 # --- rollouts --------------------------------------------------------------------------------------
@@ -369,7 +350,7 @@ def forward_rollouts(policy, critic, reference, batch: QueryResponseBatch, confi
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in ("logprobs", "ref_logprobs", "values", "entropy", "lower_query", "lower_response")}
     full_width = batch.response_ids.shape[1]
     for first in range(0, batch.query_ids.shape[0], config.micro_batch_size):
-        micro, query_start, width = trim(batch.select(range(first, min(first + config.micro_batch_size, batch.query_ids.shape[0]))))
+        micro, query_start, width = batch.select(range(first, min(first + config.micro_batch_size, batch.query_ids.shape[0]))).trim()
         with autocast(config.precision, device):
             lower = lower_hidden(policy, micro, group_size, start) if start else None
             logits, values = policy_and_values(policy, critic, micro, config.temperature, group_size, lower, start)
@@ -456,7 +437,7 @@ def ppo_update(policy, critic, optimizer, trainable, rollouts: Rollouts, advanta
             tokens = float(rollouts.batch.response_mask[minibatch].sum())
             for micro_start in range(0, len(minibatch), config.micro_batch_size):
                 rows = minibatch[micro_start : micro_start + config.micro_batch_size].to(device)
-                micro, query_start, width = trim(rollouts.batch.select(rows))
+                micro, query_start, width = rollouts.batch.select(rows).trim()
                 mask = micro.response_mask
                 lower = None
                 if rollouts.lower_query is not None and rollouts.lower_response is not None:
@@ -508,13 +489,7 @@ def reward_model_fn(rm_dir: str, config: PPOConfig, device) -> RewardFn:
 
     def score(batch: QueryResponseBatch) -> torch.Tensor:
         # Rows come in runs of samples_per_prompt responses to one query: each query runs once for them.
-        parts = []
-        for first in range(0, len(batch.query_ids), config.micro_batch_size):
-            micro, _, _ = trim(batch.select(range(first, min(first + config.micro_batch_size, len(batch.query_ids)))))
-            queries, query_mask, query_of_row = grouped_inputs(micro, config.samples_per_prompt)
-            with torch.no_grad(), autocast(config.precision, device):  # type: ignore[arg-type]
-                parts.append(shared_query_scores(reward_model, queries, query_mask, micro.response_ids, micro.response_mask, query_of_row))
-        return torch.cat(parts)
+        return score_shared_queries(reward_model, batch, config.samples_per_prompt, config.precision, config.micro_batch_size)
 
     return score
 

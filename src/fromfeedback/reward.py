@@ -264,6 +264,22 @@ def shared_query_scores(
     return model.model.score(hidden[rows, eos_index(response_mask)]).squeeze(-1).float() - model.bias
 
 
+@torch.no_grad()
+def score_shared_queries(model: ScalarHeadModel, batch: QueryResponseBatch, group_size: int, precision: Precision = "auto", micro_batch_size: int = 0) -> torch.Tensor:
+    """Scores [B] of a batch whose rows come in runs of `group_size` responses to one query, each query run
+    once for its responses; `micro_batch_size` rows (a multiple of group_size; 0: all) per forward pass."""
+    device = next(model.parameters()).device
+    rows = batch.query_ids.shape[0]
+    step = micro_batch_size or rows
+    parts = []
+    for first in range(0, rows, step):
+        micro, _, _ = batch.select(range(first, min(first + step, rows))).trim()
+        queries, query_mask, query_of_row = micro.shared_queries(group_size)
+        with autocast(precision, device):
+            parts.append(shared_query_scores(model, queries, query_mask, micro.response_ids, micro.response_mask, query_of_row))
+    return torch.cat(parts)
+
+
 @dataclass
 class FrozenHidden:
     """One preference group's hidden states entering the first trained layer: query [Q, H], responses K × [R, H]."""

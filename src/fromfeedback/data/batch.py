@@ -63,3 +63,17 @@ class QueryResponseBatch:
     def select(self, rows: torch.Tensor | Sequence[int]) -> QueryResponseBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return QueryResponseBatch(self.query_ids[rows], self.query_mask[rows], self.response_ids[rows], self.response_mask[rows])
+
+    def trim(self) -> tuple[QueryResponseBatch, int, int]:
+        """The batch without all-padding query columns (left) and response columns (right); with the first
+        query column and the response width kept."""
+        query_start = int(self.query_mask.any(0).long().argmax())
+        width = max(1, int(self.response_mask.sum(-1).max()))
+        trimmed = QueryResponseBatch(self.query_ids[:, query_start:], self.query_mask[:, query_start:], self.response_ids[:, :width], self.response_mask[:, :width])
+        return trimmed, query_start, width
+
+    def shared_queries(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For rows that come in runs of `group_size` responses to one query (as `generate(...,
+        samples_per_query=k)` returns them): each query once (ids [G, Q], mask [G, Q]) and the query of each row [B]."""
+        query_of_row = torch.arange(self.query_ids.shape[0], device=self.query_ids.device) // group_size
+        return self.query_ids[::group_size], self.query_mask[::group_size], query_of_row
