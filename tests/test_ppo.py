@@ -10,6 +10,7 @@ import torch
 
 from fromfeedback import ppo
 from fromfeedback.files import UserError
+from fromfeedback.models import transformer_layers
 from fromfeedback.ops import masked_whiten
 from fromfeedback.ppo import KLController, PPOConfig, gae, penalize_no_eos, policy_loss, run_ppo, sequence_kl, shaped_rewards, value_loss
 
@@ -180,7 +181,7 @@ def test_shared_lower_layers_give_the_same_logits_and_values(tiny_model_dir):
     logits, values = ppo.policy_and_values(policy, critic, batch, 0.7, 1, lower, start=1)
     expected_logits, expected_values = ppo.policy_and_values(policy, critic, batch, 0.7)
     assert torch.allclose(logits, expected_logits, atol=1e-5) and torch.allclose(values, expected_values, atol=1e-5)
-    assert len(ppo.transformer_layers(policy)) == policy.config.num_hidden_layers == 2  # restored after the call
+    assert len(transformer_layers(policy)) == policy.config.num_hidden_layers == 2  # restored after the call
 
 
 @pytest.mark.parametrize("value_model", ["head", "rm"])
@@ -206,7 +207,7 @@ def test_a_prompt_run_once_for_its_responses_gives_the_joined_numbers(tiny_model
     assert torch.allclose(grouped_values[mask], joined_values[mask], atol=1e-5)
     plain = response_logits(reference, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     assert torch.allclose(ppo.reference_logits(reference, batch, group_size=3)[mask], plain[mask], atol=1e-5)
-    weight = ppo.transformer_layers(policy)[0].self_attn.k_proj.weight  # reaches the responses only through the query's keys
+    weight = transformer_layers(policy)[0].self_attn.k_proj.weight  # reaches the responses only through the query's keys
     (grouped_grad,) = torch.autograd.grad((grouped_logits[mask].logsumexp(-1).sum() + grouped_values[mask].sum()), weight)
     (joined_grad,) = torch.autograd.grad((joined_logits[mask].logsumexp(-1).sum() + joined_values[mask].sum()), weight)
     assert torch.allclose(grouped_grad, joined_grad, atol=1e-5) and joined_grad.abs().sum() > 0

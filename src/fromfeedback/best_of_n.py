@@ -107,8 +107,8 @@ def run_best_of_n(config: BestOfNConfig, reward_fn: Callable[[QueryResponseBatch
         reward_model = load_scalar_model(config.rm, dtype).to(device).eval()
 
         def reward_fn(batch: QueryResponseBatch) -> torch.Tensor:
-            # The N samples of a post come together: the post runs once for them.
-            return score_shared_queries(reward_model, batch, config.n, config.precision, max(config.n, config.batch_size // config.n * config.n))
+            # The N samples of a post come together (a chunk of whole posts): the post runs once for them.
+            return score_shared_queries(reward_model, batch, config.n, config.precision)
 
     posts = load_tldr(config.data_dir or default_data_dir(), config.split)[: config.limit or None]
     if not posts:

@@ -280,13 +280,14 @@ def shared_query_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states leaving layers [start, end) of the trunk of `model` (a causal LM or a sequence classifier)
     for queries [G, Q] (left-padded) and responses [N, R], response i answering query `query_of_row[i]`.
-    Inputs are token ids, or from a layer `start` > 0 the hidden states entering it ([G, Q, H], [N, R, H]). Each query and all its responses run as one row
-    (`shared_query_layout`): the query is processed once, which on 2 summaries of a ~150-token post cuts the
-    tokens by ~40%, in a single pass per micro-batch. Equal to running the joined rows, gradients included."""
+    Inputs are token ids, or from a layer `start` > 0 the hidden states entering it ([G, Q, H], [N, R, H]).
+    Each query and all its responses run as one row (`shared_query_layout`): the query is processed once,
+    which on 2 summaries of a ~150-token post cuts the tokens by ~40%, in a single pass per micro-batch.
+    Equal to running the joined rows, gradients included."""
     groups, query_width = query_mask.shape
     width = response_mask.shape[1]
     slot, attention_mask, positions = shared_query_layout(query_mask, response_mask, query_of_row)
-    slots = (attention_mask.shape[-1] - query_width) // width
+    slots = int(slot.max()) + 1
     slotted = responses.new_zeros((groups, slots, *responses.shape[1:]))
     slotted[query_of_row, slot] = responses
     rows = torch.cat([queries, slotted.flatten(1, 2)], dim=1)

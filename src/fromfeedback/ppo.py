@@ -36,7 +36,6 @@ from fromfeedback.models import (
     predictor_hidden,
     resolve_model,
     shared_query_hidden,
-    transformer_layers,
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
 from fromfeedback.reward import eos_index, score_shared_queries
