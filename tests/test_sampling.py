@@ -117,3 +117,45 @@ def test_samples_per_query_share_the_prompt(tiny_model_dir, tokenizer):
         logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     recomputed = logprobs_from_logits(logits / 0.7, batch.response_ids) * batch.response_mask
     assert torch.allclose(recomputed, out.logprobs, atol=1e-3)
+
+
+class EosSometimes(torch.nn.Module):
+    """A real model whose next token is EOS whenever token id + position is a multiple of 4, so rows of one batch
+    end at different steps; records the rows of every forward pass."""
+
+    def __init__(self, model, eos_id: int):
+        super().__init__()
+        self.model, self.eos_id, self.rows = model, eos_id, []
+
+    def forward(self, input_ids, position_ids, **kwargs):
+        self.rows.append(input_ids.shape[0])
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        columns = out.logits.shape[1]
+        boost = ((input_ids[:, -columns:] + position_ids[:, -columns:]) % 4 == 0).float() * 50.0
+        out.logits[..., self.eos_id] += boost
+        return out
+
+
+def test_finished_rows_leave_the_batch(tiny_model_dir, tokenizer):
+    """Rows that ended drop out of decoding; what the others generate, and their log-probs, do not change."""
+    model, queries = _model_and_queries(tiny_model_dir, tokenizer)
+    queries = queries * 3
+    model = EosSometimes(model, tokenizer.eos_token_id)
+    batched = generate(model, tokenizer, queries, max_new_tokens=16, batch_size=len(queries), precision="fp32")
+    assert min(model.rows[1:]) < len(queries), "no finished row left the batch"
+    lengths = batched.batch.response_lengths.tolist()
+    assert len(set(lengths)) > 1 and any(batched.ended.tolist())
+    for row, query in enumerate(queries[:3]):
+        single = generate(model, tokenizer, [query], max_new_tokens=16, batch_size=1, precision="fp32")
+        assert batched.batch.response_ids[row, : lengths[row]].tolist() == single.batch.response_ids[0].tolist()
+        assert batched.ended[row] == single.ended[0]
+
+    generator = torch.Generator().manual_seed(0)
+    model.rows.clear()
+    out = generate(model, tokenizer, queries, max_new_tokens=16, temperature=0.7, batch_size=18, generator=generator, precision="fp32", samples_per_query=2)
+    assert min(model.rows[1:]) < 18
+    batch = out.batch
+    with torch.no_grad():
+        logits = response_logits(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    recomputed = logprobs_from_logits(logits / 0.7, batch.response_ids) * batch.response_mask
+    assert torch.allclose(recomputed, out.logprobs, atol=1e-3)

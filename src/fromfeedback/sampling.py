@@ -80,6 +80,9 @@ def generate(
         attention_mask = query_mask
         position_ids = position_ids_from_mask(attention_mask)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        # Rows still decoded: once a quarter of them has finished, the finished ones leave the batch (and the KV
+        # cache), so a few long responses do not keep the whole batch decoding.
+        active = torch.arange(rows, device=device)
         new_tokens, new_logprobs, alive = [], [], []
         with autocast(precision, device):
             output = model(input_ids=query_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
@@ -91,13 +94,19 @@ def generate(
                 position_ids = position_ids.repeat_interleave(samples_per_query, 0)
             for _ in range(max_new_tokens):
                 tokens, logprobs = sample_tokens(next_logits, temperature, top_p, generator)
+                active_finished = finished[active]
                 alive.append(~finished)
-                tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-                new_tokens.append(tokens)
-                new_logprobs.append(torch.where(finished, torch.zeros_like(logprobs), logprobs))
-                finished = finished | (tokens == eos_id)
+                tokens = torch.where(active_finished, torch.full_like(tokens, pad_id), tokens)
+                new_tokens.append(torch.full((rows,), pad_id, dtype=tokens.dtype, device=device).index_copy(0, active, tokens))
+                new_logprobs.append(torch.zeros(rows, dtype=logprobs.dtype, device=device).index_copy(0, active, logprobs.masked_fill(active_finished, 0.0)))
+                finished = finished.index_copy(0, active, active_finished | (tokens == eos_id))
                 if bool(finished.all()):
                     break
+                still_decoding = ~finished[active]
+                if int(still_decoding.sum()) <= 3 * len(active) // 4:
+                    keep = still_decoding.nonzero().squeeze(-1)
+                    output.past_key_values.batch_select_indices(keep)
+                    active, tokens, attention_mask, position_ids = active[keep], tokens[keep], attention_mask[keep], position_ids[keep]
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                 position_ids = position_ids[:, -1:] + 1
                 output = model(
