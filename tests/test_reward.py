@@ -220,6 +220,12 @@ def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf
     main(["rm", "eval", "--model", str(model_dir), "--split", "rm_valid", "--data-dir", str(data_dir), "--json", "--plot", str(tmp_path / "r.png")])
     printed = json.loads(capsys.readouterr().out)
     assert printed["accuracy"] == 1.0 and printed["longer_wins"]["accuracy"] == 1.0 and printed["labeler_agreement"]["rm_valid"]["agreement"] == 1.0
+    main(["rm", "eval", "--model", str(model_dir), "--data-dir", str(data_dir), "--json", "--plot", str(tmp_path / "r.png"), "--precision", "fp32"])
+    in_fp32 = json.loads(capsys.readouterr().out)
+    assert in_fp32["accuracy"] == 1.0 and in_fp32["mean_margin"] == pytest.approx(printed["mean_margin"], abs=5e-2)
+    with pytest.raises(SystemExit) as exited:
+        main(["rm", "eval", "--model", str(model_dir), "--data-dir", str(data_dir), "--precision", "fp16"])
+    assert exited.value.code == 2 and "--precision must be auto, bf16 or fp32" in capsys.readouterr().err
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"post_id": "t3_6", "policy": "good", "text": CHOSEN}) + "\n" + json.dumps({"post_id": "t3_6", "policy": "bad", "text": REJECTED}) + "\n")
     main(["rm", "score", "--model", str(model_dir), "--samples", str(samples), "--out", str(tmp_path / "scored.jsonl"), "--data-dir", str(data_dir)])
