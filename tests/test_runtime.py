@@ -1,4 +1,7 @@
-from fromfeedback.runtime import batch_plan, learning_rate
+import pytest
+
+from fromfeedback.files import UserError
+from fromfeedback.runtime import batch_plan, check_precision, learning_rate
 
 
 def test_learning_rate_schedule_by_hand():
@@ -15,3 +18,10 @@ def test_batch_plan_is_seeded_and_covers_each_epoch():
     assert len(set(sum(plan[:3], []))) == 9
     assert plan == batch_plan(10, 3, epochs=2, max_steps=0, seed=1) != batch_plan(10, 3, epochs=2, max_steps=0, seed=2)
     assert len(batch_plan(10, 3, epochs=1, max_steps=7, seed=1)) == 7
+
+
+def test_check_precision_names_what_to_fix():
+    for precision in ("auto", "bf16", "fp32"):
+        check_precision(precision)
+    with pytest.raises(UserError, match=r"--precision must be auto, bf16 or fp32, got 'fp16'"):
+        check_precision("fp16", "--precision")

@@ -1,6 +1,5 @@
 import torch
 
-from fromfeedback.data import QueryResponseBatch
 from fromfeedback.models import load_policy, response_logits
 from fromfeedback.ops import logprobs_from_logits
 from fromfeedback.sampling import generate, repeated_ngram, sample_tokens
@@ -90,12 +89,6 @@ def test_top_p_keeps_the_nucleus():
 def test_repeated_ngram():
     assert repeated_ngram("I like cats. I like cats. I like cats.")
     assert not repeated_ngram("a short summary without loops")
-
-
-def test_batch_helpers(tokenizer):
-    batch = QueryResponseBatch.from_ids([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
-    assert batch.query_ids.tolist() == [[1, 2, 3], [0, 0, 4]] and batch.query_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch.response_ids.tolist() == [[5, 0], [6, 7]] and batch.response_lengths.tolist() == [1, 2]
 
 
 def test_samples_per_query_share_the_prompt(tiny_model_dir, tokenizer):

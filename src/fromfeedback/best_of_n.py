@@ -19,7 +19,7 @@ from fromfeedback.files import UserError, write_json
 from fromfeedback.models import load_policy, load_scalar_model, load_tokenizer, resolve_model
 from fromfeedback.ppo import penalize_no_eos
 from fromfeedback.reward import score_shared_queries
-from fromfeedback.runtime import default_device, inference_dtype, peak_memory_mb, progress, seed_everything
+from fromfeedback.runtime import check_precision, default_device, inference_dtype, peak_memory_mb, progress, seed_everything
 from fromfeedback.sampling import generate, query_budget
 
 
@@ -71,8 +71,7 @@ class BestOfNConfig:
             raise UserError(f"with also_n, out needs a {{n}} placeholder for each file (e.g. best-of-{{n}}.jsonl), got {self.out!r}")
         if self.temperature <= 0:
             raise UserError("temperature must be > 0: best-of-N needs distinct samples")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def best_of_n_kl(n: int) -> float:

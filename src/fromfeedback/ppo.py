@@ -39,7 +39,7 @@ from fromfeedback.models import (
 )
 from fromfeedback.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum, masked_whiten
 from fromfeedback.reward import eos_index, score_shared_queries
-from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, check_precision, default_device, inference_dtype, peak_memory_mb, progress, seed_everything, use_bf16
 from fromfeedback.sampling import generate, query_budget
 
 RewardFn = Callable[[QueryResponseBatch], torch.Tensor]
@@ -151,8 +151,7 @@ class PPOConfig:
             raise UserError("score_baseline = leave_one_out needs samples_per_prompt of at least 2")
         if self.value_model not in ("head", "rm"):
             raise UserError(f"value_model must be head or rm, got {self.value_model!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.temperature <= 0:
             raise UserError("temperature must be > 0 (PPO needs the log-probs of a sampling distribution)")
         if self.iterations < 1 or self.ppo_epochs < 1 or self.response_max_tokens < 2:

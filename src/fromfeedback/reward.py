@@ -51,6 +51,7 @@ from fromfeedback.runtime import (
     adamw,
     autocast,
     batch_plan,
+    check_precision,
     default_device,
     inference_dtype,
     learning_rate,
@@ -191,8 +192,7 @@ class RMConfig:
             raise UserError("batch_size and micro_batch_size must be at least 1")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise UserError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
         if self.ensemble < 1:
@@ -809,8 +809,7 @@ def register_cli(parent, stage_command) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (else a short table)."),
     ) -> None:
         """Accuracy (95% CI), similar-length accuracy, by-confidence accuracy, log loss, ECE, beside the length floor and labeler agreement."""
-        if precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+        check_precision(precision, "--precision")
         plot_path = plot or str(Path(resolve_model(model)).parent / f"reliability-{split}.png")
         report = evaluate_model(model, split, data_dir, batch_size, precision, plot=plot_path)
         if json_output:

@@ -22,6 +22,12 @@ from fromfeedback.files import UserError, atomic_path
 Precision = Literal["auto", "bf16", "fp32"]
 
 
+def check_precision(precision: str, name: str = "precision") -> None:
+    """Raises a UserError unless `precision` is one of auto, bf16, fp32 (`name` is what the user set)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"{name} must be auto, bf16 or fp32, got {precision!r}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -16,7 +16,7 @@ from fromfeedback import stage_info
 from fromfeedback.data import QueryResponseBatch, Sample, load_tldr, make_query, pad_left, write_samples
 from fromfeedback.files import UserError
 from fromfeedback.models import load_policy, load_tokenizer, position_ids_from_mask, resolve_model
-from fromfeedback.runtime import Precision, autocast, default_device, inference_dtype, peak_memory_mb, progress, seed_everything
+from fromfeedback.runtime import Precision, autocast, check_precision, default_device, inference_dtype, peak_memory_mb, progress, seed_everything
 
 
 @dataclass
@@ -172,8 +172,7 @@ class SampleConfig:
     def validate(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def query_budget(model_dir: Path, requested: int) -> int:
