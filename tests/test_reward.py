@@ -11,6 +11,7 @@ from fromfeedback.data import (
     Ranking,
     Summary,
     comparison_to_json,
+    encode_response,
     load_rankings,
     load_tldr_comparisons,
     rankings_from_comparisons,
@@ -27,7 +28,9 @@ from fromfeedback.reward import (
     evaluate_model,
     frozen_hidden_states,
     group_scores,
+    add_mismatched_negatives,
     labeler_agreement,
+    merged_pair_groups,
     longer_wins,
     pair_tensors,
     preference_loss,
@@ -194,7 +197,7 @@ def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf
     plain = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
     plain_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     assert plain_tokenizer.pad_token_id != plain_tokenizer.eos_token_id
-    from fromfeedback.data import encode_response, make_query
+    from fromfeedback.data import make_query
 
     post = comparisons[0]
     ids = plain_tokenizer.encode(make_query(post.subreddit, post.title, post.post, plain_tokenizer, 64), add_special_tokens=False)
@@ -301,6 +304,48 @@ def test_labeler_agreement_counts_label_pairs_of_different_workers():
     # Picks w1:"one", w2:"one", w3:"two", w1':"one": w1-w2 agree, w1-w3 no, w2-w3 no, w2-w1' agree,
     # w3-w1' no; w1-w1' is the same worker and skipped → 2 of 5.
     assert result["label_pairs"] == 5 and result["agreement"] == pytest.approx(2 / 5)
+
+
+def test_repeated_pairs_merge_into_one_group_with_the_mean_label():
+    tokenizer = load_tokenizer("tiny-random")
+
+    def label(choice: int, confidence: int, texts=("one", "two"), post_id: str = "p") -> Comparison:
+        return Comparison(post_id, "s", "t", "post", [Summary(texts[0], "a"), Summary(texts[1], "b")], choice, "w", confidence=confidence)
+
+    comparisons = [
+        label(0, 1),  # "one", certain: P(one) 1.0
+        label(1, 2, texts=("two", "one")),  # the same pair in the other order; "one", strength 3: 0.875
+        label(1, 6),  # "two", barely: P(one) 1 − 0.625
+        label(1, 9, post_id="q"),  # another post: its own group
+    ]
+    hard = merged_pair_groups(comparisons, tokenizer, 64, 16, soft_labels=False)
+    assert len(hard) == 2
+    assert hard[0].pairs == [(0, 1, pytest.approx(2 / 3))] and hard[1].pairs == [(1, 0, 1.0)]
+    assert hard[0].responses == [encode_response(tokenizer, "one", 16), encode_response(tokenizer, "two", 16)]
+    soft = merged_pair_groups(comparisons, tokenizer, 64, 16, soft_labels=True)
+    assert soft[0].pairs == [(0, 1, pytest.approx((1.0 + 0.875 + 0.375) / 3))]
+    # A pair the labelers split evenly is oriented either way with target 0.5.
+    even = merged_pair_groups(comparisons[:1] + [label(1, 9)], tokenizer, 64, 16, soft_labels=False)
+    assert even[0].pairs == [(0, 1, 0.5)]
+
+
+def test_mismatched_negatives_add_a_summary_of_another_post_that_both_summaries_beat():
+    groups = [PreferenceGroup([1, 2], [[10], [11]], [(0, 1, 1.0)]), PreferenceGroup([1, 2], [[12], [13]], [(1, 0, 0.75)]),
+              PreferenceGroup([3], [[20], [21], [22]], [(0, 1, 1.0), (1, 2, 1.0), (0, 2, 1.0)])]
+    add_mismatched_negatives(groups, weight=0.5)
+    for group, own, other_posts in zip(groups, ([[10], [11]], [[12], [13]], [[20], [21], [22]]), ([[20], [21], [22]], [[20], [21], [22]], [[10], [11], [12], [13]])):
+        assert group.responses[:-1] == own and group.responses[-1] in other_posts
+        k = len(own)
+        assert group.pairs[-k:] == [(i, k, 1.0) for i in range(k)]
+    assert groups[1].pairs[0] == (1, 0, 0.75) and groups[1].weights == [1.0, 0.25, 0.25]
+    assert groups[2].weights == pytest.approx([1 / 3] * 3 + [0.5 / 3] * 3)
+    better, worse, target, weight = pair_tensors(groups)
+    assert better.tolist()[:3] == [0, 0, 1] and worse.tolist()[:3] == [1, 2, 2]  # offsets: 3 responses per comparison group
+    assert weight.sum().item() == pytest.approx(3 * 1.5)
+    # One post only: there is nothing to mismatch with.
+    alone = [PreferenceGroup([1], [[10], [11]], [(0, 1, 1.0)])]
+    add_mismatched_negatives(alone, weight=0.5)
+    assert alone[0].responses == [[10], [11]] and alone[0].weights is None
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")

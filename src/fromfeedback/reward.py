@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -146,6 +147,12 @@ class RMConfig:
     """Gradient clipping norm (0: off)."""
     soft_labels: bool = False
     """Use the labeler's confidence as a soft target: P(chosen better) = 0.5 + 0.125·strength (strength 1–4)."""
+    merge_repeated_pairs: bool = False
+    """Train on a pair of summaries that several labelers judged once, with the mean of their labels as its
+    target (e.g. 3 of 4 prefer A: P(A better) = 0.75), instead of once per label."""
+    mismatched_negatives: float = 0.0
+    """Weight (per comparison) of synthetic pairs in which both summaries of a comparison beat a summary of
+    another post: a summary that does not match the post is worse, which the human pairs rarely teach (0: off)."""
     query_max_tokens: int = 512
     """Query token budget; the post is cut at the last newline that fits. Stored with the model for scoring."""
     response_max_tokens: int = 48
@@ -209,6 +216,8 @@ class PreferenceGroup:
     responses: list[list[int]]
     pairs: list[tuple[int, int, float]]
     """(better, worse, target): target is P(better is preferred), 1 for a hard label."""
+    weights: list[float] | None = None
+    """Each pair's weight in the loss (None: 1/len(pairs) each, so the prompt counts once)."""
 
 
 def confidence_target(confidence: int | None) -> float:
@@ -225,15 +234,58 @@ def comparison_group(c: Comparison, tokenizer, query_max_tokens: int, response_m
     return PreferenceGroup(query, responses, [(c.choice, 1 - c.choice, target)])
 
 
+def labels_by_pair(comparisons: Sequence[Comparison]) -> list[list[Comparison]]:
+    """The comparisons grouped by post and pair of summaries (whichever order each labeler saw them in)."""
+    by_pair: dict[tuple[str, frozenset[str]], list[Comparison]] = {}
+    for c in comparisons:
+        by_pair.setdefault((c.post_id, frozenset(s.text for s in c.summaries)), []).append(c)
+    return list(by_pair.values())
+
+
+def merged_pair_groups(comparisons: Sequence[Comparison], tokenizer, query_max_tokens: int, response_max_tokens: int,
+                       soft_labels: bool) -> list[PreferenceGroup]:
+    """One group per distinct pair of summaries of a post; its target is the labels' mean P(summary preferred)."""
+    groups = []
+    for labels in labels_by_pair(comparisons):
+        first = labels[0]
+        first_text = first.summaries[0].text
+        targets = [confidence_target(c.confidence) if soft_labels else 1.0 for c in labels]
+        p_first = sum(t if c.chosen == first_text else 1 - t for c, t in zip(labels, targets)) / len(labels)
+        group = comparison_group(first, tokenizer, query_max_tokens, response_max_tokens, soft_labels)
+        group.pairs = [(0, 1, p_first) if p_first >= 0.5 else (1, 0, 1 - p_first)]
+        groups.append(group)
+    return groups
+
+
 def ranking_group(r: Ranking, tokenizer, query_max_tokens: int, response_max_tokens: int) -> PreferenceGroup:
     query = tokenizer.encode(make_query(r.subreddit, r.title, r.post, tokenizer, query_max_tokens), add_special_tokens=False)
     responses = [encode_response(tokenizer, text, response_max_tokens) for text in r.responses]
     return PreferenceGroup(query, responses, [(better, worse, 1.0) for better, worse in r.pairs()])
 
 
+def add_mismatched_negatives(groups: Sequence[PreferenceGroup], weight: float, seed: int = 0) -> None:
+    """Appends to each group a response to another post that all the group's own responses beat, the new
+    pairs sharing `weight`; the group's own pairs keep their total weight 1."""
+    rng = random.Random(seed)
+    own_responses = [group.responses for group in groups]
+    for group in groups:
+        other = rng.randrange(len(groups))
+        for _ in range(100):
+            if groups[other].query != group.query:
+                break
+            other = rng.randrange(len(groups))
+        foreign = rng.choice(own_responses[other])
+        if groups[other].query == group.query or foreign in group.responses:
+            continue
+        own_pairs, k = len(group.pairs), len(group.responses)
+        group.weights = (group.weights or [1.0 / own_pairs] * own_pairs) + [weight / k] * k
+        group.pairs = group.pairs + [(own, k, 1.0) for own in range(k)]
+        group.responses = group.responses + [foreign]
+
+
 def pair_tensors(groups: Sequence[PreferenceGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pairs of `groups` as indices into their responses laid end to end: better [P], worse [P],
-    target [P], and weight [P], where each group's pairs share weight 1/len(pairs) so every prompt counts once."""
+    target [P], and weight [P] (the group's `weights`; by default its pairs share 1, so every prompt counts once)."""
     better, worse, target, weight = [], [], [], []
     offset = 0
     for group in groups:
@@ -241,7 +293,7 @@ def pair_tensors(groups: Sequence[PreferenceGroup]) -> tuple[torch.Tensor, torch
             better.append(offset + b)
             worse.append(offset + w)
             target.append(t)
-            weight.append(1.0 / len(group.pairs))
+        weight.extend(group.weights or [1.0 / len(group.pairs)] * len(group.pairs))
         offset += len(group.responses)
     return torch.tensor(better), torch.tensor(worse), torch.tensor(target), torch.tensor(weight)
 
@@ -404,7 +456,13 @@ class FrozenLayers:
 def training_groups(config: RMConfig, tokenizer, data_dir: str) -> list[PreferenceGroup]:
     files = [f for f in config.comparisons.split(",") if f] or None
     comparisons = load_tldr_comparisons(data_dir, config.train_split, files)[: config.train_limit or None]
-    groups = [comparison_group(c, tokenizer, config.query_max_tokens, config.response_max_tokens, config.soft_labels) for c in comparisons]
+    if config.merge_repeated_pairs:
+        groups = merged_pair_groups(comparisons, tokenizer, config.query_max_tokens, config.response_max_tokens, config.soft_labels)
+    else:
+        groups = [comparison_group(c, tokenizer, config.query_max_tokens, config.response_max_tokens, config.soft_labels) for c in comparisons]
+    if config.mismatched_negatives > 0:
+        # A fixed seed: reward models trained with other seeds (the judge) share the frozen-layer cache.
+        add_mismatched_negatives(groups, config.mismatched_negatives)
     if config.rankings:
         groups += [ranking_group(r, tokenizer, config.query_max_tokens, config.response_max_tokens) for r in load_rankings(config.rankings)]
     if not groups:
@@ -667,11 +725,9 @@ def longer_wins(comparisons: Sequence[Comparison]) -> dict[str, Any]:
 def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     """The human ceiling: over every two labels by different workers of the same pair of summaries of
     the same post, the fraction that prefer the same summary."""
-    by_pair: dict[tuple[str, frozenset[str]], list[Comparison]] = {}
-    for c in comparisons:
-        by_pair.setdefault((c.post_id, frozenset(s.text for s in c.summaries)), []).append(c)
+    by_pair = labels_by_pair(comparisons)
     agree = label_pairs = 0
-    for labels in by_pair.values():
+    for labels in by_pair:
         for a, b in itertools.combinations(labels, 2):
             if a.worker == b.worker:
                 continue
@@ -679,7 +735,7 @@ def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
             agree += a.chosen == b.chosen
     low, high = wilson_interval(agree, label_pairs)
     return {"agreement": agree / label_pairs if label_pairs else float("nan"), "ci95": [low, high], "label_pairs": label_pairs,
-            "summary_pairs": sum(len({c.worker for c in labels}) > 1 for labels in by_pair.values())}
+            "summary_pairs": sum(len({c.worker for c in labels}) > 1 for labels in by_pair)}
 
 
 def reliability_plot(report: dict[str, Any], path: str | Path, title: str) -> None:
