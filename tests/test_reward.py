@@ -389,3 +389,5 @@ def test_weight_averaged_ensemble_is_the_mean_of_members_trained_on_one_frozen_c
     assert load_scalar_model(model_dir).bias == pytest.approx(summary["bias"])
     with pytest.raises(UserError, match="ensemble must be"):
         build_config(RMConfig, None, "rm", {"ensemble": 0})
+    with pytest.raises(UserError, match="mismatched_negatives is a loss weight"):
+        build_config(RMConfig, None, "rm", {"mismatched_negatives": -0.5})

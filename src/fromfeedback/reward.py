@@ -204,6 +204,8 @@ class RMConfig:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
         if self.ensemble < 1:
             raise UserError(f"ensemble must be at least 1 (1: a single reward model), got {self.ensemble}")
+        if self.mismatched_negatives < 0:
+            raise UserError(f"mismatched_negatives is a loss weight: 0 (off) or more, got {self.mismatched_negatives}")
         if self.frozen_cache and not self.freezes_lower_layers:
             raise UserError("frozen_cache needs frozen lower layers: set freeze_embeddings = true and freeze_layers > 0, or frozen_cache = ''")
 
