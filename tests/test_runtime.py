@@ -1,7 +1,14 @@
 import pytest
 
 from fromfeedback.files import UserError
-from fromfeedback.runtime import batch_plan, check_precision, learning_rate
+from fromfeedback.runtime import batch_plan, check_lr_schedule, check_precision, learning_rate
+
+
+def test_check_lr_schedule_accepts_the_schedules_learning_rate_knows():
+    for schedule in ("cosine", "linear", "constant"):
+        check_lr_schedule(schedule)
+    with pytest.raises(UserError, match=r"lr_schedule must be cosine, linear or constant, got 'step'"):
+        check_lr_schedule("step")
 
 
 def test_learning_rate_schedule_by_hand():

@@ -52,6 +52,7 @@ from fromfeedback.runtime import (
     adamw,
     autocast,
     batch_plan,
+    check_lr_schedule,
     check_precision,
     default_device,
     inference_dtype,
@@ -197,8 +198,7 @@ class RMConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise UserError("batch_size and micro_batch_size must be at least 1")
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise UserError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        check_lr_schedule(self.lr_schedule)
         check_precision(self.precision)
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
@@ -271,13 +271,12 @@ def add_mismatched_negatives(groups: Sequence[PreferenceGroup], weight: float, s
     rng = random.Random(seed)
     own_responses = [group.responses for group in groups]
     for group in groups:
-        other = rng.randrange(len(groups))
-        for _ in range(100):
-            if groups[other].query != group.query:
-                break
-            other = rng.randrange(len(groups))
+        draws = (rng.randrange(len(groups)) for _ in range(100))
+        other = next((i for i in draws if groups[i].query != group.query), None)
+        if other is None:
+            continue
         foreign = rng.choice(own_responses[other])
-        if groups[other].query == group.query or foreign in group.responses:
+        if foreign in group.responses:
             continue
         own_pairs, k = len(group.pairs), len(group.responses)
         group.weights = (group.weights or [1.0 / own_pairs] * own_pairs) + [weight / k] * k

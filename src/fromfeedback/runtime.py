@@ -84,6 +84,12 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_lr_schedule(schedule: str) -> None:
+    """Raises a UserError unless `schedule` is one that `learning_rate` knows."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise UserError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
+
+
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str) -> float:
     """Learning rate at `step` (0-based): linear warmup to `peak`, then `schedule` (cosine, linear or
     constant) decay to 10% of the peak."""

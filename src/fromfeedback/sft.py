@@ -15,7 +15,7 @@ from fromfeedback.data import QueryResponseBatch, encode_response, load_tldr, ma
 from fromfeedback.files import UserError, atomic_path, write_json
 from fromfeedback.models import count_parameters, freeze_lower, load_policy, load_tokenizer, resolve_model, response_logits
 from fromfeedback.ops import logprobs_from_logits, masked_sum
-from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, batch_plan, check_precision, learning_rate, peak_memory_mb, progress, seed_everything, use_bf16
+from fromfeedback.runtime import Checkpointer, MetricsLogger, adamw, autocast, batch_plan, check_lr_schedule, check_precision, learning_rate, peak_memory_mb, progress, seed_everything, use_bf16
 
 
 @dataclass
@@ -82,8 +82,7 @@ class SFTConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise UserError("batch_size and micro_batch_size must be at least 1")
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise UserError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        check_lr_schedule(self.lr_schedule)
         check_precision(self.precision)
         if self.query_max_tokens < 32 or self.response_max_tokens < 2:
             raise UserError("query_max_tokens must be at least 32 and response_max_tokens at least 2")
