@@ -25,6 +25,11 @@ def test_real_comparisons_take_the_split_of_their_post(data_dir):
     assert len(valid) == 380
     c = valid[0]
     assert c.chosen == c.summaries[c.choice].text and c.rejected == c.summaries[1 - c.choice].text
+    # A file named by its bare name is found in the data folder's tldr/comparisons/.
+    batch18 = load_tldr_comparisons(data_dir, None, ["batch18.json"])
+    assert len(batch18) == 674 and {c.batch for c in batch18} == {"batch18"}
+    with pytest.raises(UserError, match="batch99.json"):
+        load_tldr_comparisons(data_dir, None, ["batch99.json"])
 
 
 def test_comparison_round_trip(tmp_path, data_dir):

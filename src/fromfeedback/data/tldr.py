@@ -189,13 +189,20 @@ def comparison_files(data_dir: str | Path) -> list[Path]:
     return sorted(data_path(data_dir, "tldr", "comparisons").glob("*.json"))
 
 
+def comparison_file(data_dir: str | Path, name: str | Path) -> Path:
+    """A comparisons file named by path, or by its bare name in the data dir's tldr/comparisons/ (`batch18.json`)."""
+    path = Path(name)
+    in_data_dir = data_path(data_dir, "tldr", "comparisons") / path
+    return in_data_dir if not path.exists() and path.name == str(name) and in_data_dir.exists() else path
+
+
 def load_tldr_comparisons(data_dir: str | Path, splits: Iterable[str] | None = None, files: Iterable[str | Path] | None = None) -> list[Comparison]:
     """Comparisons from `files` (default: all of the data dir's), keeping those whose post is in `splits`.
 
     The split of a comparison is the split of its post in posts.jsonl, never the file's own `split` tag.
     """
     post_split = {p.id: p.split for p in load_posts(data_path(data_dir, "tldr", "posts.jsonl"))}
-    comparisons = [c for f in (files or comparison_files(data_dir)) for c in load_comparisons(f)]
+    comparisons = [c for f in (files or comparison_files(data_dir)) for c in load_comparisons(comparison_file(data_dir, f))]
     if splits is None:
         return comparisons
     wanted = {splits} if isinstance(splits, str) else set(splits)
