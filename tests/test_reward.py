@@ -223,6 +223,11 @@ def test_training_learns_the_preference_normalizes_the_bias_and_saves_a_plain_hf
     main(["rm", "eval", "--model", str(model_dir), "--split", "rm_valid", "--data-dir", str(data_dir), "--json", "--plot", str(tmp_path / "r.png")])
     printed = json.loads(capsys.readouterr().out)
     assert printed["accuracy"] == 1.0 and printed["longer_wins"]["accuracy"] == 1.0 and printed["labeler_agreement"]["rm_valid"]["agreement"] == 1.0
+    batches = set(printed["by_batch"])
+    assert batches and batches == set(printed["longer_wins"]["by_batch"]) == set(printed["labeler_agreement"]["by_batch"])
+    main(["rm", "eval", "--model", str(model_dir), "--data-dir", str(data_dir), "--plot", str(tmp_path / "r.png")])
+    table = capsys.readouterr().out
+    assert all(f"batch {batch}" in table for batch in batches) and "labelers" in table
     main(["rm", "eval", "--model", str(model_dir), "--data-dir", str(data_dir), "--json", "--plot", str(tmp_path / "r.png"), "--precision", "fp32"])
     in_fp32 = json.loads(capsys.readouterr().out)
     assert in_fp32["accuracy"] == 1.0 and in_fp32["mean_margin"] == pytest.approx(printed["mean_margin"], abs=5e-2)
@@ -265,15 +270,15 @@ def test_frozen_cache_trains_the_same_model_and_serves_a_second_seed(tmp_path, c
 
 
 def test_comparison_report_on_a_synthetic_case():
-    def comparison(chosen: str, rejected: str, confidence: int, worker: str = "w", post_id: str = "p", choice: int = 0) -> Comparison:
+    def comparison(chosen: str, rejected: str, confidence: int, batch: str, choice: int = 0) -> Comparison:
         summaries = [Summary(chosen, "x"), Summary(rejected, "y")] if choice == 0 else [Summary(rejected, "y"), Summary(chosen, "x")]
-        return Comparison(post_id, "s", "t", "post", summaries, choice, worker, "b", confidence if choice == 0 else 10 - confidence)
+        return Comparison("p", "s", "t", "post", summaries, choice, "w", batch, confidence if choice == 0 else 10 - confidence)
 
     comparisons = [
-        comparison("a" * 10, "b" * 9, 1),  # similar length, certain
-        comparison("a" * 10, "b" * 30, 4, choice=1),  # the shorter one wins, barely sure
-        comparison("a" * 50, "b" * 10, 1),
-        comparison("a" * 20, "b" * 19, 4, choice=1),  # similar length
+        comparison("a" * 10, "b" * 9, 1, "b13"),  # similar length, certain
+        comparison("a" * 10, "b" * 30, 4, "b13", choice=1),  # the shorter one wins, barely sure
+        comparison("a" * 50, "b" * 10, 1, "b18"),
+        comparison("a" * 20, "b" * 19, 4, "b18", choice=1),  # similar length
     ]
     report = comparison_report(comparisons, [1.0, 0.0, 2.0, 0.5], [0.0, 1.0, 2.0, 0.0])
     assert report["comparisons"] == 4
@@ -284,11 +289,14 @@ def test_comparison_report_on_a_synthetic_case():
     # Strength = |confidence − 5|: the certain labels (1 or 9) are bucket 4, the barely sure (4 or 6) bucket 1.
     assert report["by_confidence"]["4"]["pairs"] == 2 and report["by_confidence"]["4"]["accuracy"] == 0.75
     assert report["by_confidence"]["1"]["pairs"] == 2 and report["by_confidence"]["1"]["accuracy"] == 0.5
+    assert report["by_batch"]["b13"]["pairs"] == 2 and report["by_batch"]["b13"]["accuracy"] == 0.5
+    assert report["by_batch"]["b18"]["accuracy"] == pytest.approx((0.5 + 1) / 2)
     margins = [1.0, -1.0, 0.0, 0.5]
     assert report["log_loss"] == pytest.approx(sum(-logsigmoid(m) for m in margins) / 4)
     assert 0.0 <= report["ece"] <= 1.0 and sum(row["count"] for row in report["calibration"]) == 4
     # The floor by the same code: the longer summary was chosen in 3 of the 4 comparisons.
     assert longer_wins(comparisons)["accuracy"] == pytest.approx(3 / 4)
+    assert longer_wins(comparisons)["by_batch"]["b13"]["accuracy"] == pytest.approx(1 / 2)
 
 
 def test_labeler_agreement_counts_label_pairs_of_different_workers():

@@ -686,7 +686,9 @@ def confidence_strength(confidence: int | None) -> int | None:
 
 def comparison_report(comparisons: Sequence[Comparison], score_chosen: Sequence[float], score_rejected: Sequence[float], bins: int = 10) -> dict[str, Any]:
     """Accuracy (ties count half) with a 95% Wilson interval, on all pairs and on similar-length pairs,
-    by labeler confidence, log loss, and calibration of P(summary 0 preferred) = σ(r_0 − r_1)."""
+    by labeler confidence and by comparison batch (batches compare different policies: on this data the
+    RL-vs-supervised batch is far easier than the reference-vs-samples one), log loss, and calibration
+    of P(summary 0 preferred) = σ(r_0 − r_1)."""
     n = len(comparisons)
     chosen, rejected = torch.tensor(score_chosen, dtype=torch.float64), torch.tensor(score_rejected, dtype=torch.float64)
     margin = chosen - rejected
@@ -702,6 +704,7 @@ def comparison_report(comparisons: Sequence[Comparison], score_chosen: Sequence[
     for strength in sorted({confidence_strength(c.confidence) for c in comparisons}, key=lambda s: -1 if s is None else s):
         rows = [i for i, c in enumerate(comparisons) if confidence_strength(c.confidence) == strength]
         by_confidence["unknown" if strength is None else str(strength)] = accuracy_of(rows)
+    by_batch = {batch: accuracy_of([i for i, c in enumerate(comparisons) if c.batch == batch]) for batch in sorted({c.batch for c in comparisons})}
     prob_first = [float(torch.sigmoid(margin[i] if c.choice == 0 else -margin[i])) for i, c in enumerate(comparisons)]
     first_preferred = [float(c.choice == 0) for c in comparisons]
     return {
@@ -710,6 +713,7 @@ def comparison_report(comparisons: Sequence[Comparison], score_chosen: Sequence[
         "accuracy_ci95": overall["ci95"],
         "similar_length": accuracy_of(similar),
         "by_confidence": by_confidence,
+        "by_batch": by_batch,
         "log_loss": float(-F.logsigmoid(margin).mean()) if n else float("nan"),
         "ece": expected_calibration_error(prob_first, first_preferred, bins),
         "calibration": calibration_bins(prob_first, first_preferred, bins),
@@ -720,7 +724,7 @@ def comparison_report(comparisons: Sequence[Comparison], score_chosen: Sequence[
 def longer_wins(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     """The length floor: accuracy of "the longer summary (in characters) wins", by the same code as the RM."""
     report = comparison_report(comparisons, [len(c.chosen) for c in comparisons], [len(c.rejected) for c in comparisons])
-    return {"accuracy": report["accuracy"], "accuracy_ci95": report["accuracy_ci95"], "similar_length": report["similar_length"]}
+    return {key: report[key] for key in ("accuracy", "accuracy_ci95", "similar_length", "by_batch")}
 
 
 def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
@@ -805,7 +809,8 @@ def evaluate_model(model_dir: str | Path, split: str, data_dir: str = "", batch_
     chosen, rejected = score_comparisons(model, tokenizer, comparisons, query_max_tokens, response_max_tokens, batch_size, precision, frozen=frozen)
     report: dict[str, Any] = {"model": str(model_dir), "split": split, **comparison_report(comparisons, chosen, rejected)}
     report["longer_wins"] = longer_wins(comparisons)
-    report["labeler_agreement"] = {"all_comparisons": labeler_agreement(all_comparisons), split: labeler_agreement(comparisons)}
+    report["labeler_agreement"] = {"all_comparisons": labeler_agreement(all_comparisons), split: labeler_agreement(comparisons),
+                                   "by_batch": {batch: labeler_agreement([c for c in all_comparisons if c.batch == batch]) for batch in report["by_batch"]}}
     if plot:
         reliability_plot(report, plot, f"{Path(str(model_dir)).name} on {split}: accuracy {report['accuracy']:.3f}")
         report["reliability_plot"] = str(plot)
@@ -865,7 +870,7 @@ def register_cli(parent, stage_command) -> None:
         ),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (else a short table)."),
     ) -> None:
-        """Accuracy (95% CI), similar-length accuracy, by-confidence accuracy, log loss, ECE, beside the length floor and labeler agreement."""
+        """Accuracy (95% CI), similar-length accuracy, by-confidence and by-batch accuracy, log loss, ECE, beside the length floor and labeler agreement."""
         check_precision(precision, "--precision")
         plot_path = plot or str(Path(resolve_model(model)).parent / f"reliability-{split}.png")
         report = evaluate_model(model, split, data_dir, batch_size, precision, plot=plot_path)
@@ -878,6 +883,9 @@ def register_cli(parent, stage_command) -> None:
               f"  similar length {report['similar_length']['accuracy']:.3f} ({report['similar_length']['pairs']} pairs)")
         print(f"  longer wins        {report['longer_wins']['accuracy']:.3f}  similar length {report['longer_wins']['similar_length']['accuracy']:.3f}")
         print(f"  labeler agreement  {agreement['agreement']:.3f}  ({agreement['label_pairs']} label pairs, all comparisons)")
+        for batch, row in report["by_batch"].items():
+            print(f"  batch {batch:12s} {row['accuracy']:.3f}  ({row['pairs']} pairs; longer wins {report['longer_wins']['by_batch'][batch]['accuracy']:.3f},"
+                  f" labelers {report['labeler_agreement']['by_batch'][batch]['agreement']:.3f})")
         print(f"  log loss {report['log_loss']:.3f}  ECE {report['ece']:.3f}  plot {plot_path}")
 
     @rm_app.command("score")
