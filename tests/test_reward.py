@@ -29,6 +29,7 @@ from fromfeedback.reward import (
     frozen_hidden_states,
     group_scores,
     add_mismatched_negatives,
+    labeled_pair_mask,
     labeler_agreement,
     merged_pair_groups,
     longer_wins,
@@ -350,6 +351,8 @@ def test_mismatched_negatives_add_a_summary_of_another_post_that_both_summaries_
     better, worse, target, weight = pair_tensors(groups)
     assert better.tolist()[:3] == [0, 0, 1] and worse.tolist()[:3] == [1, 2, 2]  # offsets: 3 responses per comparison group
     assert weight.sum().item() == pytest.approx(3 * 1.5)
+    # Training accuracy counts the 1, 1 and 3 labeled pairs, not the 2, 2 and 3 synthetic ones appended.
+    assert labeled_pair_mask(groups).tolist() == [True, False, False, True, False, False, True, True, True, False, False, False]
     # One post only: there is nothing to mismatch with.
     alone = [PreferenceGroup([1], [[10], [11]], [(0, 1, 1.0)])]
     add_mismatched_negatives(alone, weight=0.5)

@@ -220,6 +220,9 @@ class PreferenceGroup:
     """(better, worse, target): target is P(better is preferred), 1 for a hard label."""
     weights: list[float] | None = None
     """Each pair's weight in the loss (None: 1/len(pairs) each, so the prompt counts once)."""
+    synthetic_pairs: int = 0
+    """How many of the last pairs no labeler judged (mismatched negatives): trained on, but left out of the
+    training accuracy, which they would inflate."""
 
 
 def confidence_target(confidence: int | None) -> float:
@@ -282,6 +285,7 @@ def add_mismatched_negatives(groups: Sequence[PreferenceGroup], weight: float, s
         group.weights = (group.weights or [1.0 / own_pairs] * own_pairs) + [weight / k] * k
         group.pairs = group.pairs + [(own, k, 1.0) for own in range(k)]
         group.responses = group.responses + [foreign]
+        group.synthetic_pairs += k
 
 
 def pair_tensors(groups: Sequence[PreferenceGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,6 +301,11 @@ def pair_tensors(groups: Sequence[PreferenceGroup]) -> tuple[torch.Tensor, torch
         weight.extend(group.weights or [1.0 / len(group.pairs)] * len(group.pairs))
         offset += len(group.responses)
     return torch.tensor(better), torch.tensor(worse), torch.tensor(target), torch.tensor(weight)
+
+
+def labeled_pair_mask(groups: Sequence[PreferenceGroup]) -> torch.Tensor:
+    """[P], in `pair_tensors`' order: True for the pairs a labeler judged, False for synthetic ones."""
+    return torch.tensor([i < len(g.pairs) - g.synthetic_pairs for g in groups for i in range(len(g.pairs))])
 
 
 def preference_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -550,9 +559,10 @@ def run_rm_train(config: RMConfig) -> Path:
             loss = preference_loss(scores, better, worse, target, weight) / len(step_groups)
             loss.backward()
             loss_total += loss.item()
-            margin = (scores[better] - scores[worse]).detach()
+            labeled = labeled_pair_mask(micro_groups).to(device)
+            margin = (scores[better] - scores[worse]).detach()[labeled]
             correct += float(((margin > 0) + 0.5 * (margin == 0)).float().sum())
-            pairs += len(better)
+            pairs += len(margin)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
