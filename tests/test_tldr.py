@@ -32,6 +32,13 @@ def test_real_comparisons_take_the_split_of_their_post(data_dir):
         load_tldr_comparisons(data_dir, None, ["batch99.json"])
 
 
+def test_a_comparisons_file_given_by_path_needs_no_comparisons_folder(tmp_path, data_dir):
+    (tmp_path / "tldr").mkdir()
+    (tmp_path / "tldr" / "posts.jsonl").write_text((data_dir / "tldr" / "posts.jsonl").read_text())
+    elsewhere = data_dir / "tldr" / "comparisons" / "batch18.json"
+    assert len(load_tldr_comparisons(tmp_path, "rm_valid", [str(elsewhere)])) == len(load_tldr_comparisons(data_dir, "rm_valid", ["batch18.json"])) > 0
+
+
 def test_comparison_round_trip(tmp_path, data_dir):
     original = load_comparisons(data_dir / "tldr" / "comparisons" / "batch18.json")[:5]
     path = tmp_path / "out.json"

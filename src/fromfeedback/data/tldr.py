@@ -192,8 +192,10 @@ def comparison_files(data_dir: str | Path) -> list[Path]:
 def comparison_file(data_dir: str | Path, name: str | Path) -> Path:
     """A comparisons file named by path, or by its bare name in the data dir's tldr/comparisons/ (`batch18.json`)."""
     path = Path(name)
-    in_data_dir = data_path(data_dir, "tldr", "comparisons") / path
-    return in_data_dir if not path.exists() and path.name == str(name) and in_data_dir.exists() else path
+    if path.exists() or path.name != str(name):
+        return path
+    in_data_dir = Path(data_dir, "tldr", "comparisons", path)
+    return in_data_dir if in_data_dir.exists() else path
 
 
 def load_tldr_comparisons(data_dir: str | Path, splits: Iterable[str] | None = None, files: Iterable[str | Path] | None = None) -> list[Comparison]:
